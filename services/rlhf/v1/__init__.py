@@ -1,0 +1,1 @@
+"""Generated stubs of the rlhf.v1 API (protos/generate.py). Do not edit."""
