@@ -56,16 +56,18 @@ class ServedResponse(_message.Message):
     def __init__(self, response_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., text: _Optional[str] = ..., policy_version: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., served_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., product: _Optional[str] = ..., routing_key: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class FeedbackRecord(_message.Message):
-    __slots__ = ("event", "received_at", "unknown_response_ids", "replica_id")
+    __slots__ = ("event", "received_at", "unknown_response_ids", "replica_id", "responses_unchecked")
     EVENT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_UNCHECKED_FIELD_NUMBER: _ClassVar[int]
     event: _feedback_pb2.FeedbackEvent
     received_at: _timestamp_pb2.Timestamp
     unknown_response_ids: _containers.RepeatedScalarFieldContainer[str]
     replica_id: str
-    def __init__(self, event: _Optional[_Union[_feedback_pb2.FeedbackEvent, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unknown_response_ids: _Optional[_Iterable[str]] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    responses_unchecked: bool
+    def __init__(self, event: _Optional[_Union[_feedback_pb2.FeedbackEvent, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., unknown_response_ids: _Optional[_Iterable[str]] = ..., replica_id: _Optional[str] = ..., responses_unchecked: bool = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("event_id", "source_topic", "source_partition", "source_offset", "payload", "reason", "at")

@@ -1,0 +1,66 @@
+"""``rlhf up``: the platform embedded in one process.
+
+Every service runs on one gRPC port (and one /metrics port) over an in-process bus and cache; nothing else
+is needed (no Kafka, Redis or GPU). The same components run distributed, each in its own process, with the
+Kafka bus and the Redis cache (``rlhf feedback`` ...).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import typing
+
+from rlhf.bus.memory import InMemoryBus
+from rlhf.cache.memory import InMemoryCache
+from rlhf.serving import config as config_mod
+from rlhf.serving.config import ServerConfig, field
+from rlhf.serving.server import Component, ServiceHost
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedConfig(ServerConfig):
+    env_prefix: typing.ClassVar[str] = "RLHF_EMBEDDED_"
+
+    port: int = field(50051, "gRPC port every embedded service answers on; 0 picks a free one.")
+    metrics_port: int = field(9100, "Port of /metrics; 0 picks a free one; -1 disables it.")
+
+
+def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryBus, InMemoryCache]:
+    """The services of the platform over one in-process bus and cache."""
+    from rlhf.feedback.config import FeedbackConfig
+    from rlhf.feedback.servicer import FeedbackComponent
+
+    bus, cache = InMemoryBus(), InMemoryCache()
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(ServerConfig)}
+    feedback = FeedbackComponent(
+        FeedbackConfig(**shared, bus_url="memory://", cache_url="memory://"), bus=bus, cache=cache
+    )
+    return [feedback], bus, cache
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config_mod.add_arguments(parser, EmbeddedConfig)
+
+
+async def serve(config: EmbeddedConfig) -> None:
+    components, _, _ = build_components(config)
+
+    def announce(host: ServiceHost) -> None:
+        print(f"rlhf embedded: gRPC on {host.address} ({', '.join(c.service_name for c in components)}); "
+              f"metrics on http://{config.host}:{host.metrics_port}/metrics. Ctrl-C stops.", flush=True)
+
+    await ServiceHost(config, components).run_until_signal(announce)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_mod.load(EmbeddedConfig, args)
+    except config_mod.ConfigError as exc:
+        raise SystemExit(f"rlhf up: {exc}") from None
+    asyncio.run(serve(config))
+    return 0

@@ -1,0 +1,57 @@
+"""Configuration of the feedback service (flags, ``RLHF_FEEDBACK_*`` or ``RLHF_*`` environment, defaults)."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from rlhf.serving.config import ServerConfig, _check, field
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackConfig(ServerConfig):
+    env_prefix: typing.ClassVar[str] = "RLHF_FEEDBACK_"
+
+    port: int = field(50053, "gRPC port of the feedback service; 0 picks a free one.")
+    metrics_port: int = field(9103, "Port of /metrics; 0 picks a free one; -1 disables it.")
+    bus_url: str = field(
+        "kafka://127.0.0.1:9092",
+        "Where validated events go: kafka://host:port[,host:port] (distributed) or memory:// (embedded).",
+    )
+    cache_url: str = field(
+        "redis://127.0.0.1:6379/0",
+        "Idempotency keys and served-response records: redis://host:port/db or memory:// (embedded).",
+    )
+    create_topics: bool = field(True, "Create the platform's topics at start when they do not exist.")
+    topic_partitions: int = field(3, "Partitions of topics created at start (consumers in one group scale to this).")
+    max_text_bytes: int = field(32 * 1024, "Largest text of a demonstration or edit, in UTF-8 bytes.")
+    max_ranking_size: int = field(16, "Most responses one ranking may order.")
+    max_future_skew_s: float = field(
+        300.0, "How far in the future an event's created_at may be (clients' clocks drift), in seconds."
+    )
+    idempotency_ttl_s: float = field(
+        7 * 24 * 3600.0, "How long a published event_id is remembered: a repeat within this window is a duplicate."
+    )
+    publish_timeout_s: float = field(
+        15.0, "Longest wait for the bus to make an event durable before it is reported FAILED (UNAVAILABLE)."
+    )
+    batch_max_events: int = field(512, "Most events of one stream processed as one batch (one cache round trip).")
+    batch_linger_s: float = field(0.002, "How long a stream batch waits to fill up, in seconds.")
+    max_in_flight: int = field(4096, "Unacknowledged events per stream before the service stops reading it.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.topic_partitions >= 1, "topic_partitions", "must be >= 1")
+        _check(self.max_text_bytes >= 1, "max_text_bytes", "must be >= 1")
+        _check(2 <= self.max_ranking_size <= 1000, "max_ranking_size", "must be in [2, 1000]")
+        _check(self.max_future_skew_s >= 0, "max_future_skew_s", "must be >= 0")
+        _check(self.idempotency_ttl_s > 0, "idempotency_ttl_s", "must be > 0")
+        _check(self.publish_timeout_s > 0, "publish_timeout_s", "must be > 0")
+        _check(self.batch_max_events >= 1, "batch_max_events", "must be >= 1")
+        _check(self.batch_linger_s >= 0, "batch_linger_s", "must be >= 0")
+        _check(self.max_in_flight >= self.batch_max_events, "max_in_flight", "must be >= batch_max_events")
+
+    @property
+    def pending_ttl_s(self) -> float:
+        """Lifetime of an idempotency claim while its event is being published: outlives the publish timeout,
+        so a claim held by a replica that died frees itself."""
+        return self.publish_timeout_s * 2 + 5.0

@@ -1,0 +1,292 @@
+"""The feedback core: validate, deduplicate, join with what was served, publish durably.
+
+An acknowledgement (ACCEPTED or DUPLICATE) means the event is on the feedback topic with acks=all.
+Per batch of events:
+
+1. validate each event (REJECTED with the field named);
+2. claim each event_id in the cache (``SET NX`` of ``pending:<replica>``): a claim that exists already is a
+   DUPLICATE once ``done``; while another replica holds it ``pending`` we wait for its outcome;
+   the same event_id twice in flight on this replica follows the first one's outcome;
+3. look up the served-response records of the ids the event names: unknown ids are marked, never dropped;
+4. publish a ``FeedbackRecord`` per claimed event and wait until each is durable;
+5. mark published events ``done`` for ``idempotency_ttl_s``; release the claims of failed ones so a retry works.
+
+The cache being down degrades deduplication to this replica (an in-process fallback) and leaves responses
+unchecked; it never fails an event. The bus being down fails the event (FAILED / UNAVAILABLE), nothing acked.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+from google.protobuf import timestamp_pb2
+from prometheus_client import Counter, Histogram
+
+from rlhf import keys
+from rlhf.bus import topics
+from rlhf.bus.base import Bus, BusError, BusUnavailable
+from rlhf.cache.base import Cache, CacheError
+from rlhf.cache.memory import InMemoryCache
+from rlhf.feedback.config import FeedbackConfig
+from rlhf.feedback.validation import Limits, response_ids, validate_event
+from rlhf.serving.errors import Aborted, InvalidArgument, ServiceError, Unavailable
+from rlhf.v1 import events_pb2, feedback_pb2
+
+log = logging.getLogger(__name__)
+
+Status = feedback_pb2.SubmitStatus
+
+EVENTS = Counter(
+    "rlhf_feedback_events_total",
+    "Feedback events by kind and outcome (accepted, duplicate, rejected, failed).",
+    ["kind", "outcome"],
+)
+PUBLISH_SECONDS = Histogram(
+    "rlhf_feedback_publish_seconds",
+    "Time from handing an event to the bus until it is durable (acks=all).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+UNKNOWN_RESPONSES = Counter(
+    "rlhf_feedback_unknown_responses_total", "Response ids in accepted feedback that have no served-response record."
+)
+CACHE_ERRORS = Counter(
+    "rlhf_feedback_cache_errors_total", "Cache operations that failed (the service degraded instead).", ["operation"]
+)
+
+DONE = b"done"
+_OUTCOME_NAMES = {
+    Status.SUBMIT_STATUS_ACCEPTED: "accepted",
+    Status.SUBMIT_STATUS_DUPLICATE: "duplicate",
+    Status.SUBMIT_STATUS_REJECTED: "rejected",
+    Status.SUBMIT_STATUS_FAILED: "failed",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What happened to one event."""
+
+    status: int  # feedback_pb2.SubmitStatus
+    unknown_response_ids: tuple[str, ...] = ()
+    error: ServiceError | None = None
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.status in (Status.SUBMIT_STATUS_ACCEPTED, Status.SUBMIT_STATUS_DUPLICATE)
+
+
+_FAILED_ALONGSIDE = Outcome(
+    Status.SUBMIT_STATUS_FAILED,
+    error=Unavailable("the same event_id failed in a concurrent submission; nothing was written, retry"),
+)
+
+
+class FeedbackIngestor:
+    """Turns submitted events into durable records on the feedback topic (see the module docstring)."""
+
+    def __init__(self, bus: Bus, cache: Cache, config: FeedbackConfig) -> None:
+        self.bus = bus
+        self.cache = cache
+        self.config = config
+        self.limits = Limits(config.max_text_bytes, config.max_ranking_size, config.max_future_skew_s)
+        self._fallback = InMemoryCache()  # idempotency on this replica while the cache is down
+        self._in_flight: dict[str, asyncio.Future[Outcome]] = {}
+        self._pending_value = f"pending:{config.replica}".encode()
+
+    async def submit(self, event: feedback_pb2.FeedbackEvent) -> Outcome:
+        return (await self.submit_batch([event]))[0]
+
+    async def submit_batch(self, events: Sequence[feedback_pb2.FeedbackEvent]) -> list[Outcome]:
+        """Process events together (one cache round trip per step); one outcome per event, in order."""
+        outcomes: list[Outcome | None] = [None] * len(events)
+        now = time.time()
+        # 1. validate
+        fresh: list[int] = []
+        followers: list[tuple[int, asyncio.Future[Outcome]]] = []
+        owned: dict[str, asyncio.Future[Outcome]] = {}
+        for i, event in enumerate(events):
+            try:
+                validate_event(event, self.limits, now)
+            except InvalidArgument as exc:
+                outcomes[i] = Outcome(Status.SUBMIT_STATUS_REJECTED, error=exc)
+                continue
+            first = self._in_flight.get(event.event_id)
+            if first is not None:  # same event_id in flight on this replica: follow its outcome
+                followers.append((i, first))
+                continue
+            fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            self._in_flight[event.event_id] = owned[event.event_id] = fut
+            fresh.append(i)
+        try:
+            if fresh:
+                results = await self._process([events[i] for i in fresh])
+                for i, outcome in zip(fresh, results):
+                    outcomes[i] = outcome
+        finally:
+            for i in fresh:
+                fut = owned[events[i].event_id]
+                if not fut.done():
+                    fut.set_result(outcomes[i] or _FAILED_ALONGSIDE)
+                self._in_flight.pop(events[i].event_id, None)
+        for i, first in followers:
+            leader = await first
+            outcomes[i] = (
+                Outcome(Status.SUBMIT_STATUS_DUPLICATE, leader.unknown_response_ids) if leader.acknowledged else leader
+            )
+        done = [o if o is not None else _FAILED_ALONGSIDE for o in outcomes]
+        for event, outcome in zip(events, done):
+            EVENTS.labels(event.WhichOneof("kind") or "none", _OUTCOME_NAMES[outcome.status]).inc()
+        return done
+
+    async def _process(self, events: list[feedback_pb2.FeedbackEvent]) -> list[Outcome]:
+        outcomes: list[Outcome | None] = [None] * len(events)
+        # 2. claim the event ids
+        claimed = await self._claim([e.event_id for e in events])
+        for i, state in enumerate(claimed):
+            if state is not True:
+                outcomes[i] = state
+        todo = [i for i, state in enumerate(claimed) if state is True]
+        if not todo:
+            return [o or _FAILED_ALONGSIDE for o in outcomes]
+        # 3. join with the served responses
+        records = await self._served_records([events[i] for i in todo])
+        # 4. publish and wait for durability
+        received = timestamp_pb2.Timestamp()
+        received.GetCurrentTime()
+        sends = []
+        for i, (unknown, unchecked, prompt_id) in zip(todo, records):
+            event = events[i]
+            record = events_pb2.FeedbackRecord(
+                event=event,
+                received_at=received,
+                unknown_response_ids=unknown,
+                replica_id=self.config.replica,
+                responses_unchecked=unchecked,
+            )
+            key = prompt_id or event.prompt_id or (response_ids(event) or [event.event_id])[0]
+            sends.append(self._publish(record.SerializeToString(), key.encode()))
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        # 5. remember what is durable; free the claims of what is not
+        done_ids, failed_ids = [], []
+        for i, result, (unknown, _, _) in zip(todo, results, records):
+            if isinstance(result, BaseException):
+                failed_ids.append(events[i].event_id)
+                error = result if isinstance(result, ServiceError) else Unavailable(
+                    f"the event could not be made durable ({result}); nothing was acknowledged, retry")
+                outcomes[i] = Outcome(Status.SUBMIT_STATUS_FAILED, error=error)
+            else:
+                done_ids.append(events[i].event_id)
+                UNKNOWN_RESPONSES.inc(len(unknown))
+                outcomes[i] = Outcome(Status.SUBMIT_STATUS_ACCEPTED, tuple(unknown))
+        await self._finish(done_ids, failed_ids)
+        return [o or _FAILED_ALONGSIDE for o in outcomes]
+
+    async def _publish(self, value: bytes, key: bytes) -> None:
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.bus.publish(topics.FEEDBACK, value, key=key), self.config.publish_timeout_s)
+        except (asyncio.TimeoutError, BusUnavailable) as exc:
+            raise Unavailable(f"message bus unavailable ({exc or 'timeout'}); nothing was acknowledged, retry") from exc
+        except BusError as exc:
+            raise Unavailable(f"message bus error ({exc}); nothing was acknowledged, retry") from exc
+        PUBLISH_SECONDS.observe(time.perf_counter() - start)
+
+    # -- idempotency ---------------------------------------------------------------------------------------------
+
+    async def _cache_call(self, operation: str, primary, fallback):
+        """Run ``primary`` on the shared cache, ``fallback`` on this replica's cache when the shared one fails."""
+        try:
+            return await primary(self.cache)
+        except CacheError as exc:
+            CACHE_ERRORS.labels(operation).inc()
+            log.warning("cache %s failed (%s); using this replica's fallback", operation, exc)
+            return await fallback(self._fallback)
+
+    async def _claim(self, event_ids: list[str]) -> list[bool | Outcome]:
+        """True where this call now owns the event id; else the Outcome to report (DUPLICATE / FAILED)."""
+        ttl = self.config.pending_ttl_s
+
+        async def claim_all(cache: Cache) -> list[bool]:
+            return list(await asyncio.gather(*[
+                cache.set_if_absent(keys.feedback_idempotency(eid), self._pending_value, ttl) for eid in event_ids
+            ]))
+
+        claims = await self._cache_call("claim", claim_all, claim_all)
+        out: list[bool | Outcome] = []
+        for eid, ok in zip(event_ids, claims):
+            out.append(True if ok else await self._resolve_conflict(eid))
+        return out
+
+    async def _resolve_conflict(self, event_id: str) -> bool | Outcome:
+        """The id is claimed already: DUPLICATE when done; wait while pending elsewhere; re-claim if released."""
+        key = keys.feedback_idempotency(event_id)
+        deadline = time.monotonic() + self.config.publish_timeout_s + 1.0
+        delay = 0.01
+        while True:
+            async def read(cache: Cache) -> bytes | None:
+                return await cache.get(key)
+
+            value = await self._cache_call("read", read, read)
+            if value == DONE:
+                return Outcome(Status.SUBMIT_STATUS_DUPLICATE)
+            if value is None:  # the other holder failed and released it: try to own it
+
+                async def claim(cache: Cache) -> bool:
+                    return await cache.set_if_absent(key, self._pending_value, self.config.pending_ttl_s)
+
+                if await self._cache_call("claim", claim, claim):
+                    return True
+                continue
+            if time.monotonic() > deadline:
+                return Outcome(Status.SUBMIT_STATUS_FAILED, error=Aborted(
+                    f"event_id {event_id!r} is being published by another replica; retry later"))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _finish(self, done_ids: list[str], failed_ids: list[str]) -> None:
+        ttl = self.config.idempotency_ttl_s
+
+        async def finish(cache: Cache) -> None:
+            if done_ids:
+                await cache.set_many({keys.feedback_idempotency(eid): DONE for eid in done_ids}, ttl)
+            for eid in failed_ids:
+                await cache.delete(keys.feedback_idempotency(eid))
+
+        await self._cache_call("finish", finish, finish)
+
+    # -- join ------------------------------------------------------------------------------------------------
+
+    async def _served_records(
+        self, events: list[feedback_pb2.FeedbackEvent]
+    ) -> list[tuple[list[str], bool, str]]:
+        """Per event: (unknown response ids, whether the lookup was impossible, prompt id of the served prompt)."""
+        wanted = sorted({rid for e in events for rid in response_ids(e)})
+        found: dict[str, bytes | None] = {}
+        unchecked = False
+        if wanted:
+            try:
+                values = await self.cache.get_many([keys.served_response(rid) for rid in wanted])
+                found = dict(zip(wanted, values))
+            except CacheError as exc:
+                CACHE_ERRORS.labels("lookup").inc()
+                log.warning("served-response lookup failed (%s); marking events unchecked", exc)
+                unchecked = True
+        out = []
+        for event in events:
+            ids = response_ids(event)
+            if unchecked:
+                out.append(([], bool(ids), ""))
+                continue
+            unknown = [rid for rid in ids if found.get(rid) is None]
+            prompt_id = ""
+            for rid in ids:
+                raw = found.get(rid)
+                if raw is not None:
+                    served = events_pb2.ServedResponse.FromString(raw)
+                    prompt_id = served.prompt_id
+                    break
+            out.append((unknown, False, prompt_id))
+        return out

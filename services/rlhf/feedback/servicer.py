@@ -1,0 +1,178 @@
+"""FeedbackService over gRPC: a thin adapter from the rlhf.v1 messages to :class:`FeedbackIngestor`."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+
+from rlhf.bus import bus_from_url, topics
+from rlhf.bus.base import Bus
+from rlhf.cache import cache_from_url
+from rlhf.cache.base import Cache, CacheError
+from rlhf.feedback.config import FeedbackConfig
+from rlhf.feedback.ingest import FeedbackIngestor, Outcome
+from rlhf.serving.errors import InvalidArgument
+from rlhf.serving.server import Component
+from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def _response(event_id: str, sequence: int, outcome: Outcome) -> feedback_pb2.SubmitResponse:
+    resp = feedback_pb2.SubmitResponse(
+        event_id=event_id,
+        status=outcome.status,
+        sequence=sequence,
+        unknown_response_ids=outcome.unknown_response_ids,
+    )
+    if outcome.error is not None:
+        resp.error_code = outcome.error.code.value[0]
+        resp.error_message = outcome.error.message
+    return resp
+
+
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
+    def __init__(self, ingestor: FeedbackIngestor, config: FeedbackConfig) -> None:
+        self.ingestor = ingestor
+        self.config = config
+
+    async def Submit(self, request: feedback_pb2.SubmitRequest, context: grpc.aio.ServicerContext):
+        if not request.HasField("event"):
+            raise InvalidArgument("event", "required")
+        outcome = await self.ingestor.submit(request.event)
+        if outcome.error is not None:
+            raise outcome.error
+        return _response(request.event.event_id, 0, outcome)
+
+    async def SubmitStream(
+        self, request_iterator: AsyncIterator[feedback_pb2.SubmitRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[feedback_pb2.SubmitResponse]:
+        """Reads events into small batches (``batch_max_events`` or ``batch_linger_s``), processes batches
+        concurrently, and answers every event as soon as its batch is done. At most ``max_in_flight`` events are
+        unanswered; beyond that the stream is not read (flow control pushes back on the client)."""
+        cfg = self.config
+        answers: asyncio.Queue[feedback_pb2.SubmitResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(cfg.max_in_flight)
+        batches: set[asyncio.Task] = set()
+
+        async def process(batch: list[tuple[int, feedback_pb2.SubmitRequest]]) -> None:
+            try:
+                missing = [(seq, req) for seq, req in batch if not req.HasField("event")]
+                present = [(seq, req) for seq, req in batch if req.HasField("event")]
+                for seq, _ in missing:
+                    answers.put_nowait(feedback_pb2.SubmitResponse(
+                        status=feedback_pb2.SUBMIT_STATUS_REJECTED, sequence=seq,
+                        error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error_message="event: required"))
+                outcomes = await self.ingestor.submit_batch([req.event for _, req in present])
+                for (seq, req), outcome in zip(present, outcomes):
+                    answers.put_nowait(_response(req.event.event_id, seq, outcome))
+            finally:
+                for _ in batch:
+                    window.release()
+
+        def dispatch(batch: list[tuple[int, feedback_pb2.SubmitRequest]]) -> None:
+            task = asyncio.create_task(process(batch))
+            batches.add(task)
+            task.add_done_callback(batches.discard)
+
+        async def read() -> None:
+            loop = asyncio.get_running_loop()
+            batch: list[tuple[int, feedback_pb2.SubmitRequest]] = []
+            flush_at = 0.0
+            seq = 0
+            pending_next: asyncio.Task | None = None
+            iterator = request_iterator.__aiter__()
+            try:
+                while True:
+                    await window.acquire()
+                    if pending_next is None:
+                        pending_next = asyncio.ensure_future(iterator.__anext__())
+                    if batch:  # wait for the next event only until the batch is due
+                        timeout = max(0.0, flush_at - loop.time())
+                        done, _ = await asyncio.wait({pending_next}, timeout=timeout)
+                        if not done:
+                            window.release()
+                            dispatch(batch)
+                            batch = []
+                            continue
+                    try:
+                        request = await pending_next
+                    except StopAsyncIteration:
+                        window.release()
+                        break
+                    finally:
+                        pending_next = None if pending_next.done() else pending_next
+                    if not batch:
+                        flush_at = loop.time() + cfg.batch_linger_s
+                    batch.append((seq, request))
+                    seq += 1
+                    if len(batch) >= cfg.batch_max_events:
+                        dispatch(batch)
+                        batch = []
+            finally:
+                if batch:
+                    dispatch(batch)
+                if pending_next is not None and not pending_next.done():
+                    pending_next.cancel()
+                if batches:
+                    await asyncio.gather(*list(batches), return_exceptions=True)
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                answer = await answers.get()
+                if answer is None:
+                    break
+                yield answer
+            await reader  # surfaces a failure of the reader (e.g. the client's stream broke)
+        finally:
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+
+
+class FeedbackComponent(Component):
+    """The feedback service with the bus and cache it owns."""
+
+    service_name = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
+
+    def __init__(self, config: FeedbackConfig, bus: Bus | None = None, cache: Cache | None = None) -> None:
+        self.config = config
+        self._owns_bus = bus is None
+        self._owns_cache = cache is None
+        self.bus = bus if bus is not None else bus_from_url(config.bus_url)
+        self.cache = cache if cache is not None else cache_from_url(config.cache_url)
+        self.ingestor = FeedbackIngestor(self.bus, self.cache, config)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(self.ingestor, self.config), server)
+
+    async def start(self) -> None:
+        if self.config.create_topics:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(
+                    None, self.bus.ensure_topics, topics.platform_topics(partitions=self.config.topic_partitions)
+                )
+            except Exception as exc:  # noqa: BLE001 - the bus may come up later; health says NOT_SERVING
+                log.warning("could not ensure topics now (%s); will serve once the bus answers", exc)
+
+    async def check(self) -> None:
+        # The bus is needed for every acknowledgement; the cache is not (the service degrades without it).
+        await asyncio.get_running_loop().run_in_executor(None, self.bus.ping, 2.0)
+        try:
+            await self.cache.ping()
+        except CacheError as exc:
+            log.warning("cache unavailable (%s): deduplication is per replica until it is back", exc)
+
+    async def stop(self) -> None:
+        if self._owns_bus:
+            await asyncio.get_running_loop().run_in_executor(None, self.bus.close, self.config.shutdown_grace_s)
+        if self._owns_cache:
+            await self.cache.close()

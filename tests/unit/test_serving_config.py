@@ -1,0 +1,63 @@
+"""The one config loader: flags over service env over platform env over defaults; bad values say what to do."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from rlhf.feedback.config import FeedbackConfig
+from rlhf.serving import config as cfg
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser, FeedbackConfig)
+    return parser.parse_args(argv)
+
+
+def test_defaults_without_flags_or_env():
+    config = cfg.load(FeedbackConfig, parse([]), env={})
+    assert config == FeedbackConfig()
+
+
+def test_precedence_flag_over_service_env_over_platform_env():
+    env = {"RLHF_FEEDBACK_PORT": "7001", "RLHF_PORT": "7002", "RLHF_BUS_URL": "memory://",
+           "RLHF_FEEDBACK_CREATE_TOPICS": "false"}
+    assert cfg.load(FeedbackConfig, parse([]), env=env).port == 7001
+    assert cfg.load(FeedbackConfig, parse(["--port", "7003"]), env=env).port == 7003
+    config = cfg.load(FeedbackConfig, parse([]), env=env)
+    assert config.bus_url == "memory://" and config.create_topics is False
+
+
+def test_config_is_frozen_and_every_field_documented():
+    config = FeedbackConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1  # type: ignore[misc]
+    for f in dataclasses.fields(FeedbackConfig):
+        assert f.metadata.get("help"), f"{f.name} has no help"
+
+
+@pytest.mark.parametrize(
+    "argv, env, needle",
+    [
+        (["--port", "abc"], {}, "--port: expected int"),
+        ([], {"RLHF_FEEDBACK_CREATE_TOPICS": "maybe"}, "RLHF_FEEDBACK_CREATE_TOPICS: expected true/false"),
+        (["--max-in-flight", "1"], {}, "max_in_flight must be >= batch_max_events (flag --max-in-flight)"),
+        (["--port", "-5"], {}, "port must be >= 0"),
+    ],
+)
+def test_bad_values_name_flag_or_variable(argv, env, needle):
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load(FeedbackConfig, parse(argv), env=env)
+    assert needle in str(err.value)
+
+
+def test_derived_values_are_computed_not_stored():
+    config = FeedbackConfig(publish_timeout_s=10)
+    assert config.pending_ttl_s > config.publish_timeout_s
+    assert "pending_ttl_s" not in {f.name for f in dataclasses.fields(FeedbackConfig)}
+
+
+def test_secrets_are_masked_in_descriptions():
+    assert cfg.describe(FeedbackConfig(auth_token="t0ken"))["auth_token"] == "***"
