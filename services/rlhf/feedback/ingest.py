@@ -17,8 +17,11 @@ unchecked; it never fails an event. The bus being down fails the event (FAILED /
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -57,6 +60,7 @@ CACHE_ERRORS = Counter(
 )
 
 DONE = b"done"
+_PENDING = object()
 _OUTCOME_NAMES = {
     Status.SUBMIT_STATUS_ACCEPTED: "accepted",
     Status.SUBMIT_STATUS_DUPLICATE: "duplicate",
@@ -156,7 +160,7 @@ class FeedbackIngestor:
         # 4. publish and wait for durability
         received = timestamp_pb2.Timestamp()
         received.GetCurrentTime()
-        sends = []
+        payloads = []
         for i, (unknown, unchecked, prompt_id) in zip(todo, records):
             event = events[i]
             record = events_pb2.FeedbackRecord(
@@ -167,8 +171,8 @@ class FeedbackIngestor:
                 responses_unchecked=unchecked,
             )
             key = prompt_id or event.prompt_id or (response_ids(event) or [event.event_id])[0]
-            sends.append(self._publish(record.SerializeToString(), key.encode()))
-        results = await asyncio.gather(*sends, return_exceptions=True)
+            payloads.append((record.SerializeToString(), key.encode()))
+        results = await self._publish_all(payloads)
         # 5. remember what is durable; free the claims of what is not
         done_ids, failed_ids = [], []
         for i, result, (unknown, _, _) in zip(todo, results, records):
@@ -184,15 +188,51 @@ class FeedbackIngestor:
         await self._finish(done_ids, failed_ids)
         return [o or _FAILED_ALONGSIDE for o in outcomes]
 
-    async def _publish(self, value: bytes, key: bytes) -> None:
+    async def _publish_all(self, payloads: list[tuple[bytes, bytes]]) -> list[BaseException | None]:
+        """Send every (value, key) to the feedback topic; per record None once durable, else the error.
+
+        One wake-up of the event loop per batch (not per record): the bus' futures complete on its I/O thread,
+        the last one resolves the batch."""
+        loop = asyncio.get_running_loop()
+        batch_done = loop.create_future()
+        results: list[object] = [_PENDING] * len(payloads)
+        remaining = len(payloads)
+        lock = threading.Lock()
         start = time.perf_counter()
+
+        def resolve() -> None:
+            if not batch_done.done():
+                batch_done.set_result(None)
+
+        def on_done(i: int, fut: concurrent.futures.Future) -> None:
+            nonlocal remaining
+            exc = fut.exception()
+            results[i] = exc
+            if exc is None:
+                PUBLISH_SECONDS.observe(time.perf_counter() - start)
+            with lock:
+                remaining -= 1
+                last = remaining == 0
+            if last:
+                loop.call_soon_threadsafe(resolve)
+
+        for i, (value, key) in enumerate(payloads):
+            self.bus.send(topics.FEEDBACK, value, key=key).add_done_callback(functools.partial(on_done, i))
         try:
-            await asyncio.wait_for(self.bus.publish(topics.FEEDBACK, value, key=key), self.config.publish_timeout_s)
-        except (asyncio.TimeoutError, BusUnavailable) as exc:
-            raise Unavailable(f"message bus unavailable ({exc or 'timeout'}); nothing was acknowledged, retry") from exc
-        except BusError as exc:
-            raise Unavailable(f"message bus error ({exc}); nothing was acknowledged, retry") from exc
-        PUBLISH_SECONDS.observe(time.perf_counter() - start)
+            await asyncio.wait_for(asyncio.shield(batch_done), self.config.publish_timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        out: list[BaseException | None] = []
+        for result in list(results):
+            if result is _PENDING:
+                out.append(Unavailable(
+                    f"the message bus did not confirm the event within {self.config.publish_timeout_s:.0f}s; "
+                    "nothing was acknowledged, retry"))
+            elif isinstance(result, (BusUnavailable, BusError)):
+                out.append(Unavailable(f"message bus unavailable ({result}); nothing was acknowledged, retry"))
+            else:
+                out.append(result)  # None, or an unexpected exception
+        return out
 
     # -- idempotency ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+../../policy/1/model.py
