@@ -6,7 +6,7 @@ kafka-python producer sending the same serialized events to the same broker, in 
     python benchmarks/feedback_ingest.py --events 20000 --repeats 5
 
 The service runs in its own process (as in production: `rlhf feedback`, real Kafka and Redis); this process is
-the product streaming events over one SubmitStream. Both sides count an event only once it is durable (acks=all):
+the product streaming events over one SubmitStream, in messages of --per-message events. Both sides count an event only once it is durable (acks=all):
 the service when its acknowledgement arrives, the raw producer when `flush()` returns. Runs alternate
 (raw, service, raw, service, ...); the medians and their ratio are printed and written as JSON.
 """
@@ -68,13 +68,15 @@ def run_raw(bootstrap: str, events: list[feedback_pb2.FeedbackEvent], topic: str
     return len(events) / elapsed
 
 
-def run_service(address: str, events: list[feedback_pb2.FeedbackEvent]) -> float:
-    requests = [feedback_pb2.SubmitRequest(event=e) for e in events]
+def run_service(address: str, events: list[feedback_pb2.FeedbackEvent], per_message: int) -> float:
+    requests = [feedback_pb2.SubmitStreamRequest(events=events[i:i + per_message])
+                for i in range(0, len(events), per_message)]
     with grpc.insecure_channel(address) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
         start = time.perf_counter()
         accepted = sum(
-            r.status == feedback_pb2.SUBMIT_STATUS_ACCEPTED for r in stub.SubmitStream(iter(requests), timeout=600)
+            ack.status == feedback_pb2.SUBMIT_STATUS_ACCEPTED
+            for reply in stub.SubmitStream(iter(requests), timeout=600) for ack in reply.acks
         )
         elapsed = time.perf_counter() - start
     if accepted != len(events):
@@ -108,6 +110,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20000, help="events per run")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each side (interleaved)")
+    parser.add_argument("--per-message", type=int, default=250, help="events per SubmitStream message")
     parser.add_argument("--kafka", default=os.environ.get("RLHF_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
     parser.add_argument("--redis", default=os.environ.get("RLHF_REDIS_URL", "redis://127.0.0.1:16379/0"))
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/bench/feedback_ingest.json"))
@@ -117,13 +120,13 @@ def main() -> int:
     proc = start_service(args.kafka, args.redis, port)
     raw_topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
     try:
-        run_service(f"127.0.0.1:{port}", make_events(2000, "warmup-" + uuid.uuid4().hex))  # warm the service
+        run_service(f"127.0.0.1:{port}", make_events(2000, "warmup-" + uuid.uuid4().hex), args.per_message)  # warm the service
         raw, ours = [], []
         for i in range(args.repeats):
             run_id = uuid.uuid4().hex
             events = make_events(args.events, run_id)
             raw.append(run_raw(args.kafka, events, raw_topic))
-            ours.append(run_service(f"127.0.0.1:{port}", make_events(args.events, run_id + "s")))
+            ours.append(run_service(f"127.0.0.1:{port}", make_events(args.events, run_id + "s"), args.per_message))
             print(f"run {i + 1}/{args.repeats}: raw producer {raw[-1]:,.0f} ev/s, service {ours[-1]:,.0f} ev/s",
                   flush=True)
     finally:
@@ -131,6 +134,7 @@ def main() -> int:
         proc.wait(30)
     result = {
         "events_per_run": args.events,
+        "events_per_message": args.per_message,
         "repeats": args.repeats,
         "raw_producer_events_per_s": statistics.median(raw),
         "service_events_per_s": statistics.median(ours),

@@ -20,7 +20,7 @@ from rlhf.feedback.servicer import FeedbackComponent
 from rlhf.serving.server import ServiceHost
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from support.hosting import HostThread
-from support.feedback_cases import LIMITS_FOR_CASES, invalid_events
+from support.feedback_cases import LIMITS_FOR_CASES, invalid_events, stream_submit
 from support.kafka_read import read_feedback
 
 pytestmark = pytest.mark.integration
@@ -103,7 +103,7 @@ def test_served_response_is_joined(stub, kafka_bootstrap, redis_url, service):
 
 def test_thousand_streamed_events_arrive_exactly_once(stub, kafka_bootstrap):
     events = [make_event() for _ in range(1000)]
-    replies = list(stub.SubmitStream(iter(feedback_pb2.SubmitRequest(event=e) for e in events), timeout=120))
+    replies = stream_submit(stub, events, per_message=37)  # messages of 37 events: batches end mid-way
     assert len(replies) == 1000
     assert {r.status for r in replies} == {STATUS.SUBMIT_STATUS_ACCEPTED}
     assert sorted(r.sequence for r in replies) == list(range(1000))
@@ -123,7 +123,8 @@ def test_duplicate_event_id_is_published_once(stub, kafka_bootstrap):
 
     # the same id several times on one stream, concurrently in flight
     twice = make_event()
-    replies = list(stub.SubmitStream(iter([feedback_pb2.SubmitRequest(event=twice)] * 5), timeout=30))
+    # in one message, and in messages of their own processed concurrently
+    replies = stream_submit(stub, [twice] * 3, per_message=3) + stream_submit(stub, [twice] * 2, per_message=1)
     assert sorted(r.status for r in replies) == [STATUS.SUBMIT_STATUS_ACCEPTED] + [STATUS.SUBMIT_STATUS_DUPLICATE] * 4
 
     records = read_feedback(kafka_bootstrap, {event.event_id, twice.event_id}, settle_s=2.0)
@@ -157,7 +158,7 @@ def test_every_validation_rule_is_invalid_argument_naming_the_field(stub):
     # on a stream, a bad event is answered REJECTED with the same message and the stream goes on
     good = make_event()
     requests = [feedback_pb2.SubmitRequest(event=e) for e, _ in cases.values()] + [feedback_pb2.SubmitRequest(event=good)]
-    replies = sorted(stub.SubmitStream(iter(requests), timeout=30), key=lambda r: r.sequence)
+    replies = stream_submit(stub, [r.event for r in requests], per_message=5)
     fields = [f for _, f in cases.values()]
     assert len(replies) == len(requests)
     for reply, field in zip(replies, fields):
@@ -165,6 +166,17 @@ def test_every_validation_rule_is_invalid_argument_naming_the_field(stub):
         assert reply.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert reply.error_message.startswith(field + ": ")
     assert replies[-1].status == STATUS.SUBMIT_STATUS_ACCEPTED
+
+
+def test_oversized_stream_message_is_rejected_whole(kafka_bootstrap, redis_url):
+    with feedback_service(kafka_bootstrap, redis_url, max_events_per_message=5, max_in_flight=5) as host, \
+            host.channel() as channel:
+        stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+        events = [make_event() for _ in range(8)]
+        acks = stream_submit(stub, events[:6], per_message=6) + stream_submit(stub, events[6:], per_message=2)
+    assert [a.status for a in acks[:6]] == [STATUS.SUBMIT_STATUS_REJECTED] * 6
+    assert all(a.error_message.startswith("events: has 6 events; at most 5") for a in acks[:6])
+    assert [a.status for a in acks[6:]] == [STATUS.SUBMIT_STATUS_ACCEPTED] * 2
 
 
 def test_cache_down_degrades_but_accepts(kafka_bootstrap):
@@ -191,7 +203,7 @@ def test_token_required_when_configured(kafka_bootstrap, redis_url):
             stub.Submit(request, timeout=10, metadata=[("authorization", "Bearer wrong")])
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.SubmitStream(iter([request]), timeout=10))
+            stream_submit(stub, [request.event], timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         ok = stub.Submit(request, timeout=20, metadata=[("authorization", "Bearer s3cret")])
         assert ok.status == STATUS.SUBMIT_STATUS_ACCEPTED
@@ -248,15 +260,15 @@ def test_broker_outage_mid_stream_loses_no_acknowledged_event(kafka_bootstrap, r
         stopped = threading.Event()
 
         def requests():
-            for i, e in enumerate(events):
+            for i in range(0, len(events), 20):
                 if i == 200:
                     kafka_broker.stop()
                     stopped.set()
-                if i >= 200 and i % 50 == 0:
+                if i >= 200 and i % 100 == 0:
                     time.sleep(0.2)
-                yield feedback_pb2.SubmitRequest(event=e)
+                yield feedback_pb2.SubmitStreamRequest(events=events[i:i + 20])
 
-        replies = list(stub.SubmitStream(requests(), timeout=180))
+        replies = stream_submit(stub, events, requests=requests(), timeout=180)
         assert stopped.is_set()
         assert len(replies) == len(events)
         by_status = {}
@@ -275,7 +287,7 @@ def test_broker_outage_mid_stream_loses_no_acknowledged_event(kafka_bootstrap, r
         _wait_health(channel, health_pb2.HealthCheckResponse.SERVING, timeout=90)
         # retrying the failed events with the same ids now succeeds
         retry = [e for e in events if e.event_id in {r.event_id for r in failed}]
-        again = list(stub.SubmitStream(iter(feedback_pb2.SubmitRequest(event=e) for e in retry), timeout=120))
+        again = stream_submit(stub, retry, per_message=50)
         assert {r.status for r in again} <= {STATUS.SUBMIT_STATUS_ACCEPTED, STATUS.SUBMIT_STATUS_DUPLICATE}
 
     acked = {r.event_id for r in by_status.get(STATUS.SUBMIT_STATUS_ACCEPTED, [])}

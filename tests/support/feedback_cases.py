@@ -93,3 +93,13 @@ def invalid_events(now: float | None = None) -> dict[str, tuple[feedback_pb2.Fee
         "edit oversized": (kind(edit=Edit(response_id="r1", edited_text="é" * 51)), "event.edit.edited_text"),
         "edit without response": (kind(edit=Edit(edited_text="x")), "event.edit.response_id"),
     }
+
+
+def stream_submit(stub, events, per_message: int = 100, timeout: float = 120.0, requests=None):
+    """SubmitStream ``events`` in messages of ``per_message``; the acknowledgements flattened, by sequence.
+    ``requests`` (an iterator of SubmitStreamRequest) replaces the batching when given."""
+    if requests is None:
+        requests = (feedback_pb2.SubmitStreamRequest(events=events[i:i + per_message])
+                    for i in range(0, len(events), per_message))
+    acks = [ack for reply in stub.SubmitStream(requests, timeout=timeout) for ack in reply.acks]
+    return sorted(acks, key=lambda a: a.sequence)

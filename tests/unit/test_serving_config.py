@@ -43,7 +43,7 @@ def test_config_is_frozen_and_every_field_documented():
     [
         (["--port", "abc"], {}, "--port: expected int"),
         ([], {"RLHF_FEEDBACK_CREATE_TOPICS": "maybe"}, "RLHF_FEEDBACK_CREATE_TOPICS: expected true/false"),
-        (["--max-in-flight", "1"], {}, "max_in_flight must be >= batch_max_events (flag --max-in-flight)"),
+        (["--max-in-flight", "1"], {}, "max_in_flight must be >= max_events_per_message (flag --max-in-flight)"),
         (["--port", "-5"], {}, "port must be >= 0"),
     ],
 )

@@ -41,6 +41,11 @@ class Cache(abc.ABC):
     async def set_if_absent(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
         """Atomically store ``value`` only when ``key`` is absent (Redis ``SET NX``); True when stored."""
 
+    async def set_many_if_absent(self, items: Mapping[str, bytes], ttl_s: float | None = None) -> list[bool]:
+        """``set_if_absent`` for each item (in the mapping's order), in one round trip where the cache allows it;
+        one flag per item, True where it was stored."""
+        return [await self.set_if_absent(key, value, ttl_s) for key, value in items.items()]
+
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:
         """Remove ``key``; True when it existed."""

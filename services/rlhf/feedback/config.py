@@ -34,8 +34,8 @@ class FeedbackConfig(ServerConfig):
     publish_timeout_s: float = field(
         15.0, "Longest wait for the bus to make an event durable before it is reported FAILED (UNAVAILABLE)."
     )
-    batch_max_events: int = field(512, "Most events of one stream processed as one batch (one cache round trip).")
-    batch_linger_s: float = field(0.002, "How long a stream batch waits to fill up, in seconds.")
+    max_events_per_message: int = field(
+        1000, "Most events in one SubmitStream message; a larger message has all its events REJECTED.")
     max_in_flight: int = field(4096, "Unacknowledged events per stream before the service stops reading it.")
 
     def __post_init__(self) -> None:
@@ -46,9 +46,8 @@ class FeedbackConfig(ServerConfig):
         _check(self.max_future_skew_s >= 0, "max_future_skew_s", "must be >= 0")
         _check(self.idempotency_ttl_s > 0, "idempotency_ttl_s", "must be > 0")
         _check(self.publish_timeout_s > 0, "publish_timeout_s", "must be > 0")
-        _check(self.batch_max_events >= 1, "batch_max_events", "must be >= 1")
-        _check(self.batch_linger_s >= 0, "batch_linger_s", "must be >= 0")
-        _check(self.max_in_flight >= self.batch_max_events, "max_in_flight", "must be >= batch_max_events")
+        _check(self.max_events_per_message >= 1, "max_events_per_message", "must be >= 1")
+        _check(self.max_in_flight >= self.max_events_per_message, "max_in_flight", "must be >= max_events_per_message")
 
     @property
     def pending_ttl_s(self) -> float:

@@ -17,6 +17,7 @@ unchecked; it never fails an event. The bus being down fails the event (FAILED /
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -97,8 +98,10 @@ class FeedbackIngestor:
         self.config = config
         self.limits = Limits(config.max_text_bytes, config.max_ranking_size, config.max_future_skew_s)
         self._fallback = InMemoryCache()  # idempotency on this replica while the cache is down
-        self._in_flight: dict[str, asyncio.Future[Outcome]] = {}
-        self._pending_value = f"pending:{config.replica}".encode()
+        # event_id -> (future of the outcomes of the batch publishing it, its index there)
+        self._in_flight: dict[str, tuple[asyncio.Future[list[Outcome]], int]] = {}
+        self._replica = config.replica  # computed once: it asks the OS for the host name
+        self._pending_value = f"pending:{self._replica}".encode()
 
     async def submit(self, event: feedback_pb2.FeedbackEvent) -> Outcome:
         return (await self.submit_batch([event]))[0]
@@ -107,42 +110,39 @@ class FeedbackIngestor:
         """Process events together (one cache round trip per step); one outcome per event, in order."""
         outcomes: list[Outcome | None] = [None] * len(events)
         now = time.time()
-        # 1. validate
+        # 1. validate; an event_id already in flight on this replica (in this batch or another) follows that one
         fresh: list[int] = []
-        followers: list[tuple[int, asyncio.Future[Outcome]]] = []
-        owned: dict[str, asyncio.Future[Outcome]] = {}
+        followers: list[tuple[int, asyncio.Future[list[Outcome]], int]] = []
+        batch_done: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         for i, event in enumerate(events):
             try:
                 validate_event(event, self.limits, now)
             except InvalidArgument as exc:
                 outcomes[i] = Outcome(Status.SUBMIT_STATUS_REJECTED, error=exc)
                 continue
-            first = self._in_flight.get(event.event_id)
-            if first is not None:  # same event_id in flight on this replica: follow its outcome
-                followers.append((i, first))
+            leader = self._in_flight.get(event.event_id)
+            if leader is not None:
+                followers.append((i, *leader))
                 continue
-            fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-            self._in_flight[event.event_id] = owned[event.event_id] = fut
+            self._in_flight[event.event_id] = (batch_done, len(fresh))
             fresh.append(i)
         try:
-            if fresh:
-                results = await self._process([events[i] for i in fresh])
-                for i, outcome in zip(fresh, results):
-                    outcomes[i] = outcome
+            results = await self._process([events[i] for i in fresh]) if fresh else []
+            for i, outcome in zip(fresh, results):
+                outcomes[i] = outcome
         finally:
+            batch_done.set_result([outcomes[i] or _FAILED_ALONGSIDE for i in fresh])
             for i in fresh:
-                fut = owned[events[i].event_id]
-                if not fut.done():
-                    fut.set_result(outcomes[i] or _FAILED_ALONGSIDE)
                 self._in_flight.pop(events[i].event_id, None)
-        for i, first in followers:
-            leader = await first
+        for i, leader_done, index in followers:
+            leader = (await leader_done)[index]
             outcomes[i] = (
                 Outcome(Status.SUBMIT_STATUS_DUPLICATE, leader.unknown_response_ids) if leader.acknowledged else leader
             )
         done = [o if o is not None else _FAILED_ALONGSIDE for o in outcomes]
-        for event, outcome in zip(events, done):
-            EVENTS.labels(event.WhichOneof("kind") or "none", _OUTCOME_NAMES[outcome.status]).inc()
+        counts = collections.Counter((e.WhichOneof("kind") or "none", o.status) for e, o in zip(events, done))
+        for (kind, status), n in counts.items():
+            EVENTS.labels(kind, _OUTCOME_NAMES[status]).inc(n)
         return done
 
     async def _process(self, events: list[feedback_pb2.FeedbackEvent]) -> list[Outcome]:
@@ -167,7 +167,7 @@ class FeedbackIngestor:
                 event=event,
                 received_at=received,
                 unknown_response_ids=unknown,
-                replica_id=self.config.replica,
+                replica_id=self._replica,
                 responses_unchecked=unchecked,
             )
             key = prompt_id or event.prompt_id or (response_ids(event) or [event.event_id])[0]
@@ -250,9 +250,8 @@ class FeedbackIngestor:
         ttl = self.config.pending_ttl_s
 
         async def claim_all(cache: Cache) -> list[bool]:
-            return list(await asyncio.gather(*[
-                cache.set_if_absent(keys.feedback_idempotency(eid), self._pending_value, ttl) for eid in event_ids
-            ]))
+            claims = {keys.feedback_idempotency(eid): self._pending_value for eid in event_ids}
+            return await cache.set_many_if_absent(claims, ttl)
 
         claims = await self._cache_call("claim", claim_all, claim_all)
         out: list[bool | Outcome] = []

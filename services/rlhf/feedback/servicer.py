@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import grpc.aio
@@ -49,85 +49,51 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         return _response(request.event.event_id, 0, outcome)
 
     async def SubmitStream(
-        self, request_iterator: AsyncIterator[feedback_pb2.SubmitRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[feedback_pb2.SubmitResponse]:
-        """Reads events into small batches (``batch_max_events`` or ``batch_linger_s``), processes batches
-        concurrently, and answers every event as soon as its batch is done. At most ``max_in_flight`` events are
-        unanswered; beyond that the stream is not read (flow control pushes back on the client)."""
+        self, request_iterator: AsyncIterator[feedback_pb2.SubmitStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[feedback_pb2.SubmitStreamResponse]:
+        """Each request message is one batch, processed concurrently with the next ones and answered as soon as
+        it is done. At most ``max_in_flight`` events are unanswered; beyond that the stream is not read (gRPC flow
+        control pushes back on the client)."""
         cfg = self.config
-        answers: asyncio.Queue[feedback_pb2.SubmitResponse | None] = asyncio.Queue()
+        answers: asyncio.Queue[feedback_pb2.SubmitStreamResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(cfg.max_in_flight)
         batches: set[asyncio.Task] = set()
 
-        async def process(batch: list[tuple[int, feedback_pb2.SubmitRequest]]) -> None:
+        async def process(first_sequence: int, events: Sequence[feedback_pb2.FeedbackEvent]) -> None:
             try:
-                missing = [(seq, req) for seq, req in batch if not req.HasField("event")]
-                present = [(seq, req) for seq, req in batch if req.HasField("event")]
-                for seq, _ in missing:
-                    answers.put_nowait(feedback_pb2.SubmitResponse(
-                        status=feedback_pb2.SUBMIT_STATUS_REJECTED, sequence=seq,
-                        error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error_message="event: required"))
-                outcomes = await self.ingestor.submit_batch([req.event for _, req in present])
-                for (seq, req), outcome in zip(present, outcomes):
-                    answers.put_nowait(_response(req.event.event_id, seq, outcome))
+                if len(events) > cfg.max_events_per_message:
+                    error = InvalidArgument(
+                        "events", f"has {len(events)} events; at most {cfg.max_events_per_message} per message")
+                    outcomes = [Outcome(feedback_pb2.SUBMIT_STATUS_REJECTED, error=error)] * len(events)
+                else:
+                    outcomes = await self.ingestor.submit_batch(events)
+                answers.put_nowait(feedback_pb2.SubmitStreamResponse(acks=[
+                    _response(event.event_id, first_sequence + i, outcome)
+                    for i, (event, outcome) in enumerate(zip(events, outcomes))
+                ]))
             finally:
-                for _ in batch:
+                for _ in range(min(len(events), cfg.max_in_flight)):
                     window.release()
 
-        def dispatch(batch: list[tuple[int, feedback_pb2.SubmitRequest]]) -> None:
-            task = asyncio.create_task(process(batch))
-            batches.add(task)
-            task.add_done_callback(batches.discard)
-
         async def read() -> None:
-            loop = asyncio.get_running_loop()
-            batch: list[tuple[int, feedback_pb2.SubmitRequest]] = []
-            flush_at = 0.0
-            seq = 0
-            pending_next: asyncio.Task | None = None
-            iterator = request_iterator.__aiter__()
+            sequence = 0
             try:
-                while True:
-                    await window.acquire()
-                    if pending_next is None:
-                        pending_next = asyncio.ensure_future(iterator.__anext__())
-                    if batch:  # wait for the next event only until the batch is due
-                        timeout = max(0.0, flush_at - loop.time())
-                        done, _ = await asyncio.wait({pending_next}, timeout=timeout)
-                        if not done:
-                            window.release()
-                            dispatch(batch)
-                            batch = []
-                            continue
-                    try:
-                        request = await pending_next
-                    except StopAsyncIteration:
-                        window.release()
-                        break
-                    finally:
-                        pending_next = None if pending_next.done() else pending_next
-                    if not batch:
-                        flush_at = loop.time() + cfg.batch_linger_s
-                    batch.append((seq, request))
-                    seq += 1
-                    if len(batch) >= cfg.batch_max_events:
-                        dispatch(batch)
-                        batch = []
+                async for request in request_iterator:
+                    events = request.events
+                    for _ in range(min(len(events), cfg.max_in_flight)):
+                        await window.acquire()
+                    task = asyncio.create_task(process(sequence, events))
+                    batches.add(task)
+                    task.add_done_callback(batches.discard)
+                    sequence += len(events)
             finally:
-                if batch:
-                    dispatch(batch)
-                if pending_next is not None and not pending_next.done():
-                    pending_next.cancel()
                 if batches:
                     await asyncio.gather(*list(batches), return_exceptions=True)
                 answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
-            while True:
-                answer = await answers.get()
-                if answer is None:
-                    break
+            while (answer := await answers.get()) is not None:
                 yield answer
             await reader  # surfaces a failure of the reader (e.g. the client's stream broke)
         finally:

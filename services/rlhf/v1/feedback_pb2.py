@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"6\n\rSubmitRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.FeedbackEvent\"\xa4\x01\n\x0eSubmitResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.rlhf.v1.SubmitStatus\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x1c\n\x14unknown_response_ids\x18\x04 \x03(\t\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x15\n\rerror_message\x18\x06 \x01(\t\"\xc5\x03\n\rFeedbackEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07product\x18\x02 \x01(\t\x12\x14\n\x0c\x61nnotator_id\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprompt_id\x18\x05 \x01(\t\x12!\n\x06rating\x18\n \x01(\x0b\x32\x0f.rlhf.v1.RatingH\x00\x12/\n\x08pairwise\x18\x0b \x01(\x0b\x32\x1b.rlhf.v1.PairwisePreferenceH\x00\x12#\n\x07ranking\x18\x0c \x01(\x0b\x32\x10.rlhf.v1.RankingH\x00\x12/\n\rdemonstration\x18\r \x01(\x0b\x32\x16.rlhf.v1.DemonstrationH\x00\x12\x1d\n\x04\x65\x64it\x18\x0e \x01(\x0b\x32\r.rlhf.v1.EditH\x00\x12\x36\n\x08metadata\x18\x14 \x03(\x0b\x32$.rlhf.v1.FeedbackEvent.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"n\n\x06Rating\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x1f\n\x05thumb\x18\x02 \x01(\x0e\x32\x0e.rlhf.v1.ThumbH\x00\x12%\n\x05scale\x18\x03 \x01(\x0b\x32\x14.rlhf.v1.ScaleRatingH\x00\x42\x07\n\x05value\"6\n\x0bScaleRating\x12\r\n\x05value\x18\x01 \x01(\x05\x12\x0b\n\x03min\x18\x02 \x01(\x05\x12\x0b\n\x03max\x18\x03 \x01(\x05\"}\n\x12PairwisePreference\x12\x1a\n\x12\x63hosen_response_id\x18\x01 \x01(\t\x12\x1c\n\x14rejected_response_id\x18\x02 \x01(\t\x12-\n\x08strength\x18\x03 \x01(\x0e\x32\x1b.rlhf.v1.PreferenceStrength\"\x1f\n\x07Ranking\x12\x14\n\x0cresponse_ids\x18\x01 \x03(\t\"g\n\rDemonstration\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x10\n\x08response\x18\x02 \x01(\tB\x07\n\x05input\"0\n\x04\x45\x64it\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64ited_text\x18\x02 \x01(\t*\x9c\x01\n\x0cSubmitStatus\x12\x1d\n\x19SUBMIT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBMIT_STATUS_ACCEPTED\x10\x01\x12\x1b\n\x17SUBMIT_STATUS_DUPLICATE\x10\x02\x12\x1a\n\x16SUBMIT_STATUS_REJECTED\x10\x03\x12\x18\n\x14SUBMIT_STATUS_FAILED\x10\x04*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02*\x98\x01\n\x12PreferenceStrength\x12#\n\x1fPREFERENCE_STRENGTH_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPREFERENCE_STRENGTH_SLIGHT\x10\x01\x12\x1d\n\x19PREFERENCE_STRENGTH_CLEAR\x10\x02\x12\x1e\n\x1aPREFERENCE_STRENGTH_STRONG\x10\x03\x32\x91\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x39\n\x06Submit\x12\x16.rlhf.v1.SubmitRequest\x1a\x17.rlhf.v1.SubmitResponse\x12\x43\n\x0cSubmitStream\x12\x16.rlhf.v1.SubmitRequest\x1a\x17.rlhf.v1.SubmitResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"6\n\rSubmitRequest\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.FeedbackEvent\"=\n\x13SubmitStreamRequest\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.rlhf.v1.FeedbackEvent\"=\n\x14SubmitStreamResponse\x12%\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x17.rlhf.v1.SubmitResponse\"\xa4\x01\n\x0eSubmitResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.rlhf.v1.SubmitStatus\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x1c\n\x14unknown_response_ids\x18\x04 \x03(\t\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\x15\n\rerror_message\x18\x06 \x01(\t\"\xc5\x03\n\rFeedbackEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07product\x18\x02 \x01(\t\x12\x14\n\x0c\x61nnotator_id\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprompt_id\x18\x05 \x01(\t\x12!\n\x06rating\x18\n \x01(\x0b\x32\x0f.rlhf.v1.RatingH\x00\x12/\n\x08pairwise\x18\x0b \x01(\x0b\x32\x1b.rlhf.v1.PairwisePreferenceH\x00\x12#\n\x07ranking\x18\x0c \x01(\x0b\x32\x10.rlhf.v1.RankingH\x00\x12/\n\rdemonstration\x18\r \x01(\x0b\x32\x16.rlhf.v1.DemonstrationH\x00\x12\x1d\n\x04\x65\x64it\x18\x0e \x01(\x0b\x32\r.rlhf.v1.EditH\x00\x12\x36\n\x08metadata\x18\x14 \x03(\x0b\x32$.rlhf.v1.FeedbackEvent.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04kind\"n\n\x06Rating\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x1f\n\x05thumb\x18\x02 \x01(\x0e\x32\x0e.rlhf.v1.ThumbH\x00\x12%\n\x05scale\x18\x03 \x01(\x0b\x32\x14.rlhf.v1.ScaleRatingH\x00\x42\x07\n\x05value\"6\n\x0bScaleRating\x12\r\n\x05value\x18\x01 \x01(\x05\x12\x0b\n\x03min\x18\x02 \x01(\x05\x12\x0b\n\x03max\x18\x03 \x01(\x05\"}\n\x12PairwisePreference\x12\x1a\n\x12\x63hosen_response_id\x18\x01 \x01(\t\x12\x1c\n\x14rejected_response_id\x18\x02 \x01(\t\x12-\n\x08strength\x18\x03 \x01(\x0e\x32\x1b.rlhf.v1.PreferenceStrength\"\x1f\n\x07Ranking\x12\x14\n\x0cresponse_ids\x18\x01 \x03(\t\"g\n\rDemonstration\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x10\n\x08response\x18\x02 \x01(\tB\x07\n\x05input\"0\n\x04\x45\x64it\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64ited_text\x18\x02 \x01(\t*\x9c\x01\n\x0cSubmitStatus\x12\x1d\n\x19SUBMIT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBMIT_STATUS_ACCEPTED\x10\x01\x12\x1b\n\x17SUBMIT_STATUS_DUPLICATE\x10\x02\x12\x1a\n\x16SUBMIT_STATUS_REJECTED\x10\x03\x12\x18\n\x14SUBMIT_STATUS_FAILED\x10\x04*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02*\x98\x01\n\x12PreferenceStrength\x12#\n\x1fPREFERENCE_STRENGTH_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPREFERENCE_STRENGTH_SLIGHT\x10\x01\x12\x1d\n\x19PREFERENCE_STRENGTH_CLEAR\x10\x02\x12\x1e\n\x1aPREFERENCE_STRENGTH_STRONG\x10\x03\x32\x9d\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x39\n\x06Submit\x12\x16.rlhf.v1.SubmitRequest\x1a\x17.rlhf.v1.SubmitResponse\x12O\n\x0cSubmitStream\x12\x1c.rlhf.v1.SubmitStreamRequest\x1a\x1d.rlhf.v1.SubmitStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FEEDBACKEVENT_METADATAENTRY']._loaded_options = None
   _globals['_FEEDBACKEVENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_SUBMITSTATUS']._serialized_start=1253
-  _globals['_SUBMITSTATUS']._serialized_end=1409
-  _globals['_THUMB']._serialized_start=1411
-  _globals['_THUMB']._serialized_end=1471
-  _globals['_PREFERENCESTRENGTH']._serialized_start=1474
-  _globals['_PREFERENCESTRENGTH']._serialized_end=1626
+  _globals['_SUBMITSTATUS']._serialized_start=1379
+  _globals['_SUBMITSTATUS']._serialized_end=1535
+  _globals['_THUMB']._serialized_start=1537
+  _globals['_THUMB']._serialized_end=1597
+  _globals['_PREFERENCESTRENGTH']._serialized_start=1600
+  _globals['_PREFERENCESTRENGTH']._serialized_end=1752
   _globals['_SUBMITREQUEST']._serialized_start=90
   _globals['_SUBMITREQUEST']._serialized_end=144
-  _globals['_SUBMITRESPONSE']._serialized_start=147
-  _globals['_SUBMITRESPONSE']._serialized_end=311
-  _globals['_FEEDBACKEVENT']._serialized_start=314
-  _globals['_FEEDBACKEVENT']._serialized_end=767
-  _globals['_FEEDBACKEVENT_METADATAENTRY']._serialized_start=712
-  _globals['_FEEDBACKEVENT_METADATAENTRY']._serialized_end=759
-  _globals['_RATING']._serialized_start=769
-  _globals['_RATING']._serialized_end=879
-  _globals['_SCALERATING']._serialized_start=881
-  _globals['_SCALERATING']._serialized_end=935
-  _globals['_PAIRWISEPREFERENCE']._serialized_start=937
-  _globals['_PAIRWISEPREFERENCE']._serialized_end=1062
-  _globals['_RANKING']._serialized_start=1064
-  _globals['_RANKING']._serialized_end=1095
-  _globals['_DEMONSTRATION']._serialized_start=1097
-  _globals['_DEMONSTRATION']._serialized_end=1200
-  _globals['_EDIT']._serialized_start=1202
-  _globals['_EDIT']._serialized_end=1250
-  _globals['_FEEDBACKSERVICE']._serialized_start=1629
-  _globals['_FEEDBACKSERVICE']._serialized_end=1774
+  _globals['_SUBMITSTREAMREQUEST']._serialized_start=146
+  _globals['_SUBMITSTREAMREQUEST']._serialized_end=207
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_start=209
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_end=270
+  _globals['_SUBMITRESPONSE']._serialized_start=273
+  _globals['_SUBMITRESPONSE']._serialized_end=437
+  _globals['_FEEDBACKEVENT']._serialized_start=440
+  _globals['_FEEDBACKEVENT']._serialized_end=893
+  _globals['_FEEDBACKEVENT_METADATAENTRY']._serialized_start=838
+  _globals['_FEEDBACKEVENT_METADATAENTRY']._serialized_end=885
+  _globals['_RATING']._serialized_start=895
+  _globals['_RATING']._serialized_end=1005
+  _globals['_SCALERATING']._serialized_start=1007
+  _globals['_SCALERATING']._serialized_end=1061
+  _globals['_PAIRWISEPREFERENCE']._serialized_start=1063
+  _globals['_PAIRWISEPREFERENCE']._serialized_end=1188
+  _globals['_RANKING']._serialized_start=1190
+  _globals['_RANKING']._serialized_end=1221
+  _globals['_DEMONSTRATION']._serialized_start=1223
+  _globals['_DEMONSTRATION']._serialized_end=1326
+  _globals['_EDIT']._serialized_start=1328
+  _globals['_EDIT']._serialized_end=1376
+  _globals['_FEEDBACKSERVICE']._serialized_start=1755
+  _globals['_FEEDBACKSERVICE']._serialized_end=1912
 # @@protoc_insertion_point(module_scope)

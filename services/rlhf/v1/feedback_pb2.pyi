@@ -50,6 +50,18 @@ class SubmitRequest(_message.Message):
     event: FeedbackEvent
     def __init__(self, event: _Optional[_Union[FeedbackEvent, _Mapping]] = ...) -> None: ...
 
+class SubmitStreamRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[FeedbackEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[FeedbackEvent, _Mapping]]] = ...) -> None: ...
+
+class SubmitStreamResponse(_message.Message):
+    __slots__ = ("acks",)
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    acks: _containers.RepeatedCompositeFieldContainer[SubmitResponse]
+    def __init__(self, acks: _Optional[_Iterable[_Union[SubmitResponse, _Mapping]]] = ...) -> None: ...
+
 class SubmitResponse(_message.Message):
     __slots__ = ("event_id", "status", "sequence", "unknown_response_ids", "error_code", "error_message")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -41,8 +41,8 @@ class FeedbackServiceStub(object):
                 _registered_method=True)
         self.SubmitStream = channel.stream_stream(
                 '/rlhf.v1.FeedbackService/SubmitStream',
-                request_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitRequest.SerializeToString,
-                response_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitResponse.FromString,
+                request_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitStreamRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitStreamResponse.FromString,
                 _registered_method=True)
 
 
@@ -52,15 +52,19 @@ class FeedbackServiceServicer(object):
     def Submit(self, request, context):
         """Submits one event. OK means the event is durably on rlhf.feedback.v1 (acks=all), or was already (DUPLICATE).
         Errors: INVALID_ARGUMENT (the message names the field), UNAVAILABLE (the bus is down; nothing was written,
-        retry with the same event_id), UNAUTHENTICATED.
+        retry with the same event_id), ABORTED (the same event_id is being published by another call; retry),
+        UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SubmitStream(self, request_iterator, context):
-        """Submits many events on one stream. Every request gets exactly one response, in any order, matched by
-        event_id and sequence. A bad or failed event does not end the stream: its response says why.
+        """Submits many events on one stream, in messages of 1..max_events_per_message events (batching amortises the
+        per-message cost; a product that has one event sends a message of one). Every request message is answered by
+        one response message with exactly one acknowledgement per event, in the request's order. Messages are
+        processed concurrently, so responses may come back in another order than the requests: match them with
+        `sequence`. A bad or failed event does not end the stream: its acknowledgement says why.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,8 +80,8 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
             ),
             'SubmitStream': grpc.stream_stream_rpc_method_handler(
                     servicer.SubmitStream,
-                    request_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitRequest.FromString,
-                    response_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitResponse.SerializeToString,
+                    request_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitStreamRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,8 +136,8 @@ class FeedbackService(object):
             request_iterator,
             target,
             '/rlhf.v1.FeedbackService/SubmitStream',
-            rlhf_dot_v1_dot_feedback__pb2.SubmitRequest.SerializeToString,
-            rlhf_dot_v1_dot_feedback__pb2.SubmitResponse.FromString,
+            rlhf_dot_v1_dot_feedback__pb2.SubmitStreamRequest.SerializeToString,
+            rlhf_dot_v1_dot_feedback__pb2.SubmitStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
