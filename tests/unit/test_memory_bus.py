@@ -1,0 +1,433 @@
+"""The in-process bus: the bus contract (shared with the real-Kafka tests) plus what only it has.
+
+``BusContract`` is the behaviour every Bus keeps; tests/integration/test_kafka_bus.py runs the same class against a
+real broker, so "identical to Kafka where observable" is checked, not assumed.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from rlhf.bus import InMemoryBus, bus_from_url, topics
+from rlhf.bus.base import Bus, BusError, BusUnavailable, Consumer, Message, RecordMetadata, TopicSpec
+from rlhf.bus.memory import murmur2, partition_for_key
+
+
+def poll_until(consumer: Consumer, want: int, timeout_s: float = 30.0,
+               stop: Callable[[list[Message]], bool] | None = None) -> list[Message]:
+    """Poll until ``want`` records arrived (or ``stop(records)``), failing after ``timeout_s``."""
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < want and not (stop and stop(got)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"got {len(got)} of {want} records within {timeout_s}s")
+        got.extend(consumer.poll(timeout_s=0.5))
+    return got
+
+
+def key_for_partition(partition: int, partitions: int) -> bytes:
+    """A key that Kafka's partitioner puts in ``partition`` of ``partitions``."""
+    return next(k for k in (b"key-%d" % i for i in range(10_000)) if partition_for_key(k, partitions) == partition)
+
+
+def poll_quiet(consumer: Consumer, seconds: float) -> list[Message]:
+    """Everything a consumer receives during ``seconds``."""
+    got: list[Message] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got.extend(consumer.poll(timeout_s=0.2))
+    return got
+
+
+def assert_only_new_records_arrive(bus: Bus, consumer: Consumer, topic: str, settle_s: float) -> None:
+    """Nothing old is (re)delivered: quiet for ``settle_s``, then a new record arrives and nothing else does."""
+    assert poll_quiet(consumer, settle_s) == []
+    md = bus.send(topic, b"sentinel", key=b"sentinel").result(30)
+    got = poll_until(consumer, 1)
+    got += poll_quiet(consumer, 0.3)
+    assert [(m.value, m.partition, m.offset) for m in got] == [(b"sentinel", md.partition, md.offset)]
+
+
+class BusContract:
+    """What every Bus implementation does. Subclasses provide the ``bus`` fixture."""
+
+    PARTITIONS = 3
+    # How long a consumer of this implementation may need to join its group and fetch (Kafka: a join round trip).
+    SETTLE_S = 0.2
+
+    @pytest.fixture
+    def topic(self, bus: Bus, topic_name: str) -> str:
+        bus.ensure_topics([TopicSpec(topic_name, partitions=self.PARTITIONS)])
+        return topic_name
+
+    def test_round_trip_keeps_key_value_headers(self, bus: Bus, topic: str, group_id: str) -> None:
+        md = bus.send(topic, b"value-1", key=b"key-1", headers=[("trace", b"t-1"), ("kind", b"rating")]).result(30)
+        assert isinstance(md, RecordMetadata)
+        assert (md.topic, md.partition) == (topic, partition_for_key(b"key-1", self.PARTITIONS))
+        with bus.consumer([topic], group_id) as consumer:
+            [m] = poll_until(consumer, 1)
+        assert (m.topic, m.partition, m.offset) == (md.topic, md.partition, md.offset)
+        assert (m.key, m.value) == (b"key-1", b"value-1")
+        assert m.headers == (("trace", b"t-1"), ("kind", b"rating"))
+        assert abs(m.timestamp_ms / 1000 - time.time()) < 60
+
+    def test_unkeyed_records_and_empty_values_round_trip(self, bus: Bus, topic: str, group_id: str) -> None:
+        futures = [bus.send(topic, b"") for _ in range(3)] + [bus.send(topic, bytearray(b"ba"))]
+        mds = [f.result(30) for f in futures]
+        with bus.consumer([topic], group_id) as consumer:
+            got = poll_until(consumer, 4)
+        assert sorted(m.value for m in got) == [b"", b"", b"", b"ba"]
+        assert {(m.partition, m.offset) for m in got} == {(md.partition, md.offset) for md in mds}
+        assert all(m.key is None for m in got)
+
+    def test_records_of_a_key_keep_their_order_and_partition(self, bus: Bus, topic: str, group_id: str) -> None:
+        keys = [b"alpha", b"beta", b"gamma", b"delta"]
+        futures = [bus.send(topic, f"{k.decode()}-{i}".encode(), key=k) for i in range(50) for k in keys]
+        bus.flush(30)
+        assert all(f.done() for f in futures)
+        with bus.consumer([topic], group_id) as consumer:
+            got = poll_until(consumer, 200)
+        for k in keys:
+            mine = [m for m in got if m.key == k]
+            assert [m.value for m in mine] == [f"{k.decode()}-{i}".encode() for i in range(50)]
+            assert {m.partition for m in mine} == {partition_for_key(k, self.PARTITIONS)}
+            assert [m.offset for m in mine] == sorted(m.offset for m in mine)
+
+    def test_new_group_reads_from_the_earliest_record(self, bus: Bus, topic: str, group_id: str) -> None:
+        for i in range(5):
+            bus.send(topic, b"%d" % i, key=b"k")
+        bus.flush(30)
+        with bus.consumer([topic], group_id) as consumer:
+            assert [m.value for m in poll_until(consumer, 5)] == [b"0", b"1", b"2", b"3", b"4"]
+
+    def test_uncommitted_records_move_with_their_partition_when_a_member_joins(
+        self, bus: Bus, topic: str, group_id: str
+    ) -> None:
+        sent = {(md.partition, md.offset) for md in
+                (bus.send(topic, b"v%d" % i, key=b"k%d" % i).result(30) for i in range(30))}
+        assert len({p for p, _ in sent}) == self.PARTITIONS, "the records should span every partition"
+        first = bus.consumer([topic], group_id)
+        second = None
+        try:
+            assert {(m.partition, m.offset) for m in poll_until(first, 30)} == sent
+            # Nothing committed. A second member joins and takes over some partitions: it starts them at the
+            # committed offset (none: the earliest), so it receives their records again.
+            second = bus.consumer([topic], group_id)
+            again: list[Message] = []
+            to_first: list[Message] = []
+            deadline = time.monotonic() + 60
+
+            def redelivered_all_of_its_partitions() -> bool:
+                moved = {m.partition for m in again}
+                return bool(moved) and {(m.partition, m.offset) for m in again} == {
+                    (p, o) for p, o in sent if p in moved
+                }
+
+            while not redelivered_all_of_its_partitions():
+                assert time.monotonic() < deadline, f"redelivered {len(again)} records"
+                to_first += first.poll(timeout_s=0.2)
+                again += second.poll(timeout_s=0.2)
+            to_first += poll_quiet(first, 0.5)
+            again += poll_quiet(second, 0.5)
+            # The first member keeps its position on the partitions it kept: nothing again for it.
+            assert to_first == []
+            assert len(again) == len({(m.partition, m.offset) for m in again}) < 30
+        finally:
+            first.close()
+            if second is not None:
+                second.close()
+
+    def test_uncommitted_records_are_redelivered_after_the_member_leaves(
+        self, bus: Bus, topic: str, group_id: str
+    ) -> None:
+        for i in range(12):
+            bus.send(topic, b"v%d" % i, key=b"k%d" % i)
+        bus.flush(30)
+        with bus.consumer([topic], group_id) as consumer:
+            got = poll_until(consumer, 12)
+            consumer.commit([m for m in got if m.partition == got[0].partition])
+        done = {(m.partition, m.offset) for m in got if m.partition == got[0].partition}
+        with bus.consumer([topic], group_id) as consumer:
+            again = poll_until(consumer, 12 - len(done))
+            assert {(m.partition, m.offset) for m in again} == {(m.partition, m.offset) for m in got} - done
+
+    def test_committed_records_are_not_redelivered(self, bus: Bus, topic: str, group_id: str) -> None:
+        for i in range(20):
+            bus.send(topic, b"v%d" % i, key=b"k%d" % i)
+        bus.flush(30)
+        with bus.consumer([topic], group_id) as consumer:
+            got = poll_until(consumer, 20)
+            consumer.commit(got)
+        with bus.consumer([topic], group_id) as consumer:
+            assert_only_new_records_arrive(bus, consumer, topic, self.SETTLE_S)
+
+    def test_commit_of_some_messages_commits_per_partition_their_highest_offset(
+        self, bus: Bus, topic_name: str, group_id: str
+    ) -> None:
+        bus.ensure_topics([TopicSpec(topic_name, partitions=2)])
+        ka, kb = key_for_partition(0, 2), key_for_partition(1, 2)
+        for i in range(10):
+            bus.send(topic_name, b"a%d" % i, key=ka)
+            bus.send(topic_name, b"b%d" % i, key=kb)
+        bus.flush(30)
+        with bus.consumer([topic_name], group_id) as consumer:
+            got = poll_until(consumer, 20)
+            a = [m for m in got if m.key == ka]
+            b = [m for m in got if m.key == kb]
+            # Out of order on purpose: the highest offset of each partition counts, not the last message.
+            consumer.commit([a[6], a[2], b[0]])
+        with bus.consumer([topic_name], group_id) as consumer:
+            again = poll_until(consumer, 3 + 9)
+        assert sorted(m.value for m in again if m.key == ka) == [b"a7", b"a8", b"a9"]
+        assert [m.value for m in again if m.key == kb] == [b"b%d" % i for i in range(1, 10)]
+
+    def test_commit_without_messages_commits_everything_polled(self, bus: Bus, topic: str, group_id: str) -> None:
+        for i in range(6):
+            bus.send(topic, b"%d" % i, key=b"k%d" % i)
+        bus.flush(30)
+        with bus.consumer([topic], group_id) as consumer:
+            poll_until(consumer, 6)
+            consumer.commit()
+            consumer.commit([])  # nothing to do
+        with bus.consumer([topic], group_id) as consumer:
+            assert_only_new_records_arrive(bus, consumer, topic, self.SETTLE_S)
+
+    def test_groups_are_independent(self, bus: Bus, topic: str, group_id: str) -> None:
+        bus.send(topic, b"x", key=b"k").result(30)
+        with bus.consumer([topic], group_id) as a:
+            a.commit(poll_until(a, 1))
+        with bus.consumer([topic], group_id + "-other") as b:
+            assert [m.value for m in poll_until(b, 1)] == [b"x"]
+
+    def test_ensure_topics_is_idempotent_and_creates_the_partitions(self, bus: Bus, topic_name: str) -> None:
+        spec = TopicSpec(topic_name, partitions=5, config=(("retention.ms", "3600000"),))
+        bus.ensure_topics([spec])
+        bus.ensure_topics([spec, spec])
+        bus.ensure_topics([])
+        # A key that hashes to the last partition lands there: the topic has 5 partitions, hashed like Kafka.
+        assert bus.send(topic_name, b"v", key=key_for_partition(4, 5)).result(30).partition == 4
+
+    def test_ensure_topics_rejects_bad_specs(self, bus: Bus, topic_name: str) -> None:
+        with pytest.raises(ValueError):
+            bus.ensure_topics([TopicSpec(topic_name, partitions=0)])
+        with pytest.raises(ValueError):
+            bus.ensure_topics([TopicSpec(topic_name, partitions=1), TopicSpec(topic_name, partitions=2)])
+        with pytest.raises(TypeError):
+            bus.ensure_topics([topic_name])  # type: ignore[list-item]
+
+    def test_ping_answers(self, bus: Bus) -> None:
+        bus.ping(5.0)
+        with pytest.raises(ValueError):
+            bus.ping(0)
+
+    def test_malformed_records_raise_at_once(self, bus: Bus, topic: str) -> None:
+        with pytest.raises(TypeError, match="value"):
+            bus.send(topic, "text")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="value"):
+            bus.send(topic, None)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="key"):
+            bus.send(topic, b"v", key="k")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="headers"):
+            bus.send(topic, b"v", headers=[("h", "not bytes")])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="headers"):
+            bus.send(topic, b"v", headers=[["h", b"v"]])  # type: ignore[list-item]
+        with pytest.raises(ValueError, match="topic"):
+            bus.send("", b"v")
+        with pytest.raises(TypeError, match="topic"):
+            bus.send(b"t", b"v")  # type: ignore[arg-type]
+
+    def test_bad_consumer_arguments_raise(self, bus: Bus, topic: str, group_id: str) -> None:
+        with pytest.raises(TypeError):
+            bus.consumer(topic, group_id)  # a str is not a list of topics
+        with pytest.raises(TypeError):
+            bus.consumer([], group_id)
+        with pytest.raises(ValueError):
+            bus.consumer([topic], "")
+        with bus.consumer([topic], group_id) as consumer:
+            with pytest.raises(ValueError):
+                consumer.poll(timeout_s=-1)
+            with pytest.raises(ValueError):
+                consumer.poll(max_records=0)
+        with pytest.raises(BusError):
+            consumer.poll()
+
+    def test_poll_respects_max_records_and_timeout(self, bus: Bus, topic: str, group_id: str) -> None:
+        for i in range(10):
+            bus.send(topic, b"%d" % i, key=b"same")
+        bus.flush(30)
+        with bus.consumer([topic], group_id) as consumer:
+            got = poll_until(consumer, 1)
+            while len(got) < 10:
+                batch = consumer.poll(timeout_s=0.5, max_records=3)
+                assert len(batch) <= 3
+                got += batch
+            t = time.monotonic()
+            assert consumer.poll(timeout_s=0.3) == []
+            assert time.monotonic() - t < 5
+
+    def test_record_too_large_fails_with_bus_error(self, bus: Bus, topic: str) -> None:
+        fut = bus.send(topic, b"x" * (2 * 1024 * 1024))
+        with pytest.raises(BusError) as err:
+            fut.result(30)
+        assert not isinstance(err.value, BusUnavailable)
+
+    def test_flush_resolves_every_future(self, bus: Bus, topic: str) -> None:
+        futures = [bus.send(topic, b"%d" % i, key=b"%d" % (i % 7)) for i in range(2000)]
+        bus.flush(60)
+        assert all(f.done() and f.exception() is None for f in futures)
+
+    def test_publish_from_asyncio(self, bus: Bus, topic: str) -> None:
+        async def main() -> list[RecordMetadata]:
+            return await asyncio.gather(*(bus.publish(topic, b"%d" % i, key=b"k") for i in range(100)))
+
+        mds = asyncio.run(main())
+        assert [md.offset for md in mds] == sorted(md.offset for md in mds)
+        assert len({md.offset for md in mds}) == 100
+
+    def test_send_from_many_threads(self, bus: Bus, topic: str, group_id: str) -> None:
+        def worker(n: int) -> list[concurrent.futures.Future]:
+            return [bus.send(topic, b"%d-%d" % (n, i), key=b"%d" % n) for i in range(100)]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [f for fs in pool.map(worker, range(4)) for f in fs]
+        for f in futures:
+            f.result(30)
+        with bus.consumer([topic], group_id) as consumer:
+            got = poll_until(consumer, 400)
+        for n in range(4):
+            assert [m.value for m in got if m.key == b"%d" % n] == [b"%d-%d" % (n, i) for i in range(100)]
+
+    def test_send_after_close_fails(self, bus: Bus, topic: str) -> None:
+        bus.send(topic, b"before").result(30)
+        bus.close(10)
+        bus.close(10)  # idempotent
+        with pytest.raises(BusError):
+            bus.send(topic, b"after").result(10)
+
+
+class TestInMemoryBusContract(BusContract):
+    @pytest.fixture
+    def bus(self) -> InMemoryBus:
+        bus = InMemoryBus()
+        yield bus
+        bus.close()
+
+
+# --------------------------------------------------------------------------------------------- in-memory only
+
+
+def test_murmur2_matches_kafka_python() -> None:
+    kafka_default = pytest.importorskip("kafka.partitioner.default")
+    for data in [b"", b"a", b"ab", b"abc", b"abcd", b"abcde", "ünïcode".encode(), bytes(range(256)), b"x" * 1001]:
+        assert murmur2(data) & 0x7FFFFFFF == kafka_default.murmur2(data) & 0x7FFFFFFF, data
+    for _ in range(200):
+        key = uuid.uuid4().bytes
+        assert partition_for_key(key, 7) == (kafka_default.murmur2(key) & 0x7FFFFFFF) % 7
+
+
+def test_send_resolves_before_returning_and_autocreates_topics() -> None:
+    bus = InMemoryBus(default_partitions=2)
+    fut = bus.send("fresh", b"v")
+    assert fut.done() and not fut.cancel()
+    assert fut.result().topic == "fresh" and bus.partitions("fresh") == 2
+    with bus.consumer(["also-fresh"], "g"):
+        assert bus.partitions("also-fresh") == 2
+
+
+def test_unkeyed_records_spread_round_robin() -> None:
+    bus = InMemoryBus()
+    bus.ensure_topics([TopicSpec("t", partitions=3)])
+    assert [bus.send("t", b"v").result().partition for _ in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_range_assignment_splits_partitions_between_members() -> None:
+    bus = InMemoryBus()
+    bus.ensure_topics([TopicSpec("t", partitions=4)])
+    for i in range(40):
+        bus.send("t", b"%d" % i, key=b"%d" % i)
+    a, b = bus.consumer(["t"], "g"), bus.consumer(["t"], "g")
+    got_a, got_b = a.poll(0, max_records=1000), b.poll(0, max_records=1000)
+    assert len(got_a) + len(got_b) == 40
+    assert not {m.partition for m in got_a} & {m.partition for m in got_b}
+    assert len({m.partition for m in got_a}) == len({m.partition for m in got_b}) == 2
+    b.commit(got_b[:1])
+    a.close()
+    # The survivor takes over a's partitions from their committed offsets (none: everything again) and keeps
+    # its position on its own.
+    again = b.poll(0, max_records=1000)
+    assert sorted((m.partition, m.offset) for m in again) == sorted((m.partition, m.offset) for m in got_a)
+    b.close()
+
+
+def test_retention_drops_the_oldest_and_a_lagging_consumer_skips_ahead() -> None:
+    bus = InMemoryBus(retention_records=10)
+    for i in range(100):
+        bus.send("t", b"%d" % i)
+    with bus.consumer(["t"], "g") as consumer:
+        got = consumer.poll(0, max_records=1000)
+    assert 10 <= len(got) <= 11
+    assert got[-1].value == b"99" and got[-1].offset == 99
+    assert [m.offset for m in got] == list(range(got[0].offset, 100))
+
+
+def test_poll_wakes_up_when_a_record_arrives() -> None:
+    bus = InMemoryBus()
+    consumer = bus.consumer(["t"], "g")
+    timer = threading.Timer(0.2, lambda: bus.send("t", b"late"))
+    timer.start()
+    t = time.monotonic()
+    got = consumer.poll(timeout_s=10)
+    assert [m.value for m in got] == [b"late"] and time.monotonic() - t < 5
+    consumer.close()
+
+
+def test_max_record_bytes_counts_key_value_and_headers() -> None:
+    bus = InMemoryBus(max_record_bytes=10)
+    assert bus.send("t", b"x" * 10).result().offset == 0
+    with pytest.raises(BusError, match="max_record_bytes"):
+        bus.send("t", b"x" * 5, key=b"k" * 3, headers=[("h", b"vv")]).result()
+
+
+def test_bus_from_url() -> None:
+    assert isinstance(bus_from_url("memory://"), InMemoryBus)
+    assert bus_from_url("memory://") is not bus_from_url("memory://")
+    shared = bus_from_url("memory://embedded-test")
+    assert bus_from_url("memory://embedded-test") is shared
+    shared.close()
+    assert bus_from_url("memory://embedded-test") is not shared  # a closed named bus is replaced
+    with pytest.raises(ValueError, match="unknown bus URL"):
+        bus_from_url("amqp://localhost")
+    with pytest.raises(TypeError):
+        bus_from_url(None)  # type: ignore[arg-type]
+
+
+def test_importing_the_bus_does_not_import_kafka() -> None:
+    code = (
+        "import sys, rlhf.bus, rlhf.cache\n"
+        "from rlhf.bus import InMemoryBus, bus_from_url, topics\n"
+        "from rlhf.cache import InMemoryCache, cache_from_url\n"
+        "heavy = [m for m in ('kafka', 'rlhf.bus.kafka', 'redis', 'rlhf.cache.redis') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "rlhf.bus.KafkaConfig\n"
+        "assert 'kafka' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_platform_topics() -> None:
+    specs = topics.platform_topics(partitions=6)
+    assert [s.name for s in specs] == [
+        "rlhf.responses.v1", "rlhf.feedback.v1", "rlhf.feedback.v1.dlq", "rlhf.prompts.v1", "rlhf.models.v1",
+    ]
+    assert {s.name: s.partitions for s in specs}[topics.MODELS] == 1
+    assert {s.partitions for s in specs if s.name != topics.MODELS} == {6}
+    with pytest.raises(ValueError):
+        topics.platform_topics(partitions=0)
