@@ -85,7 +85,7 @@ class Outcome:
 
 _FAILED_ALONGSIDE = Outcome(
     Status.SUBMIT_STATUS_FAILED,
-    error=Unavailable("the same event_id failed in a concurrent submission; nothing was written, retry"),
+    error=Unavailable("the same event_id failed in a concurrent submission; it was not acknowledged, retry"),
 )
 
 

@@ -61,7 +61,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
     if isinstance(exc, BusUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, f"message bus unavailable: {exc}; nothing was written, retry"
+        return grpc.StatusCode.UNAVAILABLE, f"message bus unavailable: {exc}; not acknowledged, retry"
     if isinstance(exc, BusError):
         return grpc.StatusCode.INTERNAL, f"message bus error: {exc}"
     if isinstance(exc, CacheUnavailable):

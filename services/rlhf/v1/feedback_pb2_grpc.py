@@ -51,9 +51,9 @@ class FeedbackServiceServicer(object):
 
     def Submit(self, request, context):
         """Submits one event. OK means the event is durably on rlhf.feedback.v1 (acks=all), or was already (DUPLICATE).
-        Errors: INVALID_ARGUMENT (the message names the field), UNAVAILABLE (the bus is down; nothing was written,
-        retry with the same event_id), ABORTED (the same event_id is being published by another call; retry),
-        UNAUTHENTICATED.
+        Errors: INVALID_ARGUMENT (the message names the field); UNAVAILABLE (the bus is down: the event was not
+        acknowledged; retry with the same event_id — a copy that reached the topic anyway is deduplicated by event_id
+        downstream); ABORTED (the same event_id is being published by another call; retry); UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
