@@ -505,6 +505,10 @@ def down(paths: Paths, grace_s: float) -> bool:
     with file_lock(paths.state_dir / ".lock"):
         state = running_state(paths)
         if state is None:
+            stale = read_state(paths)
+            if stale:  # the server died: its stub processes may live on in its process group
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(stale["pid"]), signal.SIGKILL)
             paths.state_file.unlink(missing_ok=True)
             return False
         stop_process(int(state["pid"]), grace_s)

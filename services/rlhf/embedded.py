@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import typing
 
 from rlhf.bus.memory import InMemoryBus
@@ -27,19 +28,48 @@ class EmbeddedConfig(ServerConfig):
 
     port: int = field(50051, "gRPC port every embedded service answers on; 0 picks a free one.")
     metrics_port: int = field(9100, "Port of /metrics; 0 picks a free one; -1 disables it.")
+    policy_model_path: str = field(
+        "",
+        "Policy checkpoint to serve (a save_pretrained folder). Empty: the policy `rlhf demo` trained "
+        "(out/demo/policy) when it exists, else a tiny random-init policy built under artifact_root.",
+    )
+    artifact_root: str = field("out/artifacts", "Where model versions live (a local folder in embedded mode).")
+
+    @property
+    def demo_policy(self) -> str:
+        """Where `rlhf demo` (default --out) leaves its PPO policy."""
+        return os.path.join("out", "demo", "policy")
 
 
 def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryBus, InMemoryCache]:
     """The services of the platform over one in-process bus and cache."""
     from rlhf.feedback.config import FeedbackConfig
     from rlhf.feedback.servicer import FeedbackComponent
+    from rlhf.policy.bootstrap import ensure_initial_policy
+    from rlhf.policy.config import PolicyConfig
+    from rlhf.policy.servicer import PolicyComponent
 
     bus, cache = InMemoryBus(), InMemoryCache()
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(ServerConfig)}
     feedback = FeedbackComponent(
         FeedbackConfig(**shared, bus_url="memory://", cache_url="memory://"), bus=bus, cache=cache
     )
-    return [feedback], bus, cache
+    # The policy's own settings (model path, artifact root, batching) come from RLHF_POLICY_* like `rlhf policy`;
+    # embedded always runs the torch backend over the in-process bus and cache.
+    policy_config = config_mod.load(
+        PolicyConfig, **shared, bus_url="memory://", cache_url="memory://", backend="torch", create_topics=True,
+        artifact_root=config.artifact_root,
+    )
+    model_path = config.policy_model_path or policy_config.model_path
+    if not model_path and os.path.isdir(config.demo_policy):
+        model_path = config.demo_policy
+    if not model_path:
+        # Nothing trained yet: a tiny random-init policy built once under the artifact root, so that every API
+        # answers from nothing (with random words until `rlhf demo` has trained a policy).
+        model_path = ensure_initial_policy(config.artifact_root)
+    policy_config = dataclasses.replace(policy_config, model_path=os.path.abspath(model_path))
+    policy = PolicyComponent(policy_config, bus=bus, cache=cache)
+    return [feedback, policy], bus, cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -147,18 +147,6 @@ def triton_matches_in_process(server, requests: list[GenerationRequest]) -> None
     assert all(len(r.token_ids) == r.completion_tokens and r.prompt_tokens > 0 for r in results)
 
 
-def core_sampling_is_batch_invariant(model_dir: Path) -> bool:
-    """Whether rlhf.core.generation gives a plain-sampled row the same tokens alone and next to a top-k row."""
-    model, tokenizer = load_causal_lm(str(model_dir))
-    ids, mask = encode_prompts(tokenizer, ["the cat", "the cat"])
-    kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    plain = SamplingParams(max_new_tokens=16)
-    together = generate(model, ids, mask, [plain, SamplingParams(max_new_tokens=16, top_k=3)], seeds=[5, 5], **kwargs)
-    alone = generate(model, ids[:1], mask[:1], plain, seeds=[5], **kwargs)
-    n = int(alone.lengths[0])
-    return together.response_ids[0, :n].tolist() == alone.response_ids[0, :n].tolist()
-
-
 def test_concurrent_requests_match_in_process_generation(triton):
     """Rows that the dynamic batcher puts together, greedy and sampled at several temperatures."""
     triton_matches_in_process(triton, requests_with([(1.0, 0, 1.0), (0.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 0, 1.0)]))
@@ -166,12 +154,6 @@ def test_concurrent_requests_match_in_process_generation(triton):
 
 def test_concurrent_requests_with_top_k_top_p_match_in_process_generation(triton):
     """Rows with top-k / top-p batched with rows without: each still gets the text it gets alone."""
-    if not core_sampling_is_batch_invariant(triton["models"] / "v1"):
-        pytest.xfail(
-            "rlhf.core.generation._sample draws a batch's rows from the sorted distribution as soon as one row uses "
-            "top-k/top-p, so a plain row's token depends on its neighbours; fix: filter in sorted order, scatter the "
-            "kept mass back to vocabulary order, then sample every row in vocabulary order"
-        )
     triton_matches_in_process(
         triton, requests_with([(1.0, 0, 1.0), (0.8, 5, 1.0), (1.2, 0, 0.9), (1.0, 3, 0.8), (0.0, 0, 1.0)])
     )

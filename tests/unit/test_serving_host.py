@@ -199,10 +199,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_rlhf_up_serves_and_stops_on_sigterm():
+def test_rlhf_up_serves_and_stops_on_sigterm(tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf", "up", "--port", str(port), "--metrics-port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf", "up", "--port", str(port), "--metrics-port", "0",
+                             "--artifact-root", str(tmp_path / "artifacts")], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -96,19 +96,19 @@ class GenerationOutput:
 
 
 @dataclass(frozen=True)
-class _ForwardSpec:
+class ForwardSpec:
     cache_kwarg: str  # "cache" in transformers >= 5, "past_key_values" before
     logits_to_keep: bool  # the forward can compute logits for the last position only
 
 
-_SPECS: dict[type, _ForwardSpec] = {}
+_SPECS: dict[type, ForwardSpec] = {}
 
 
-def _forward_spec(model: torch.nn.Module) -> _ForwardSpec:
+def forward_spec(model: torch.nn.Module) -> ForwardSpec:
     spec = _SPECS.get(type(model))
     if spec is None:
         params = inspect.signature(model.forward).parameters
-        spec = _ForwardSpec(
+        spec = ForwardSpec(
             cache_kwarg="cache" if "cache" in params else "past_key_values",
             logits_to_keep="logits_to_keep" in params,
         )
@@ -116,12 +116,12 @@ def _forward_spec(model: torch.nn.Module) -> _ForwardSpec:
     return spec
 
 
-def _returned_cache(output: Any, spec: _ForwardSpec) -> Any:
+def returned_cache(output: Any, spec: ForwardSpec) -> Any:
     # ModelOutput is a dict of its non-None fields; reading by key avoids the deprecated attribute alias.
     return output[spec.cache_kwarg] if spec.cache_kwarg in output else None
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) left-padded mask -> (B, L) positions 0, 1, ... over the real tokens (0 on padding)."""
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
@@ -131,7 +131,7 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _RowParams:
+class RowParams:
     """SamplingParams of the batch as tensors, built once per call."""
 
     max_new_tokens: torch.Tensor  # (B,) long
@@ -144,11 +144,11 @@ class _RowParams:
     filtered: bool  # some row uses top_k or top_p
 
     @staticmethod
-    def build(params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> _RowParams:
+    def build(params: Sequence[SamplingParams], vocab_size: int, device: torch.device) -> RowParams:
         temps = [p.temperature for p in params]
         greedy = torch.tensor([t == 0 for t in temps], device=device)
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-        return _RowParams(
+        return RowParams(
             max_new_tokens=torch.tensor([p.max_new_tokens for p in params], device=device),
             temperature=torch.tensor([t if t > 0 else 1.0 for t in temps], device=device)[:, None],
             greedy=greedy,
@@ -168,9 +168,9 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
-def _sample(
+def sample_tokens(
     logits: torch.Tensor,  # (B, V)
-    rows: _RowParams,
+    rows: RowParams,
     uniforms: torch.Tensor,  # (B,) this step's uniform per row
     want_logprobs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -200,7 +200,7 @@ def _sample(
     return tokens, logprobs
 
 
-def _uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> torch.Tensor:
+def row_uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> torch.Tensor:
     """(steps, B) uniforms, column b drawn from a generator seeded with seeds[b] alone."""
     columns = []
     for seed in seeds:
@@ -268,20 +268,20 @@ def generate_steps(
     pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
 
     device = input_ids.device
-    spec = _forward_spec(model)
+    spec = forward_spec(model)
     max_steps = max(p.max_new_tokens for p in row_params)
     extra = {"logits_to_keep": 1} if spec.logits_to_keep else {}
 
     # 1. prefill: the prompts in one forward pass.
-    positions = _position_ids(attention_mask)  # (B, P)
+    positions = position_ids_from_mask(attention_mask)  # (B, P)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra)
-    cache = _returned_cache(out, spec)
+    cache = returned_cache(out, spec)
     logits = out.logits[:, -1]  # (B, V)
 
     vocab_size = logits.shape[-1]
-    rows = _RowParams.build(row_params, vocab_size, device)
+    rows = RowParams.build(row_params, vocab_size, device)
     stop_table = _stop_table(row_params, eos_ids, vocab_size, device)  # (B, V)
-    uniforms = _uniforms(seeds, max_steps, device)  # (steps, B)
+    uniforms = row_uniforms(seeds, max_steps, device)  # (steps, B)
     row_index = torch.arange(batch, device=device)
     # (B, P + steps) attention mask of prompt + response; a step reads a prefix of it.
     full_mask = torch.cat(
@@ -294,7 +294,7 @@ def generate_steps(
 
     for step in range(max_steps):
         # 2. pick each row's token; finished rows emit pad.
-        tokens, logprobs = _sample(logits, rows, uniforms[step], return_logprobs)
+        tokens, logprobs = sample_tokens(logits, rows, uniforms[step], return_logprobs)
         tokens = torch.where(active, tokens, pad)
         emitted = active
         stop_now = active & stop_table[row_index, tokens]
@@ -316,7 +316,7 @@ def generate_steps(
             **{spec.cache_kwarg: cache},
             **extra,
         )
-        cache = _returned_cache(out, spec)
+        cache = returned_cache(out, spec)
         logits = out.logits[:, -1]
 
 

@@ -5,6 +5,7 @@
     results = await client.generate("policy__v2", [GenerationRequest("Hello", seed=1), ...])
     async for chunk in client.stream("policy_stream__v2", GenerationRequest("Hello", seed=1)):
         ...
+    result = await client.complete("policy_stream__v2", GenerationRequest("Hello", seed=1))  # one piece
     await client.unload("policy__v1")
 
 The models are the Python-backend policy of deploy/triton/model_repository (``policy`` unary, ``policy_stream``
@@ -19,11 +20,14 @@ Knows nothing of the gRPC server that uses it: inputs and results are plain data
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from google.protobuf import json_format, text_format
@@ -108,11 +112,24 @@ class ModelTemplate:
         config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         return ModelTemplate(config=config, model_py=(folder / "1" / "model.py").read_bytes())
 
-    def for_version(self, name: str, model_path: str, parameters: Mapping[str, str] | None = None) -> tuple[str, dict]:
-        """(config JSON, files) of ``load_model`` for ``name`` serving the weights at ``model_path``."""
+    def for_version(
+        self,
+        name: str,
+        model_path: str,
+        parameters: Mapping[str, str] | None = None,
+        *,
+        max_batch_size: int | None = None,
+        max_queue_delay_us: int | None = None,
+    ) -> tuple[str, dict]:
+        """(config JSON, files) of ``load_model`` for ``name`` serving the weights at ``model_path``; the batching
+        overrides replace the template's ``max_batch_size`` and dynamic batcher delay when given."""
         config = model_config_pb2.ModelConfig()
         config.CopyFrom(self.config)
         config.name = name
+        if max_batch_size is not None:
+            config.max_batch_size = max_batch_size
+        if max_queue_delay_us is not None:
+            config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
         for key, value in {**(parameters or {}), "model_path": model_path}.items():
             config.parameters[key].string_value = str(value)
         files = {"file:1/model.py": self.model_py}
@@ -197,9 +214,12 @@ class TritonPolicyClient:
         *,
         streaming: bool = False,
         parameters: Mapping[str, str] | None = None,
+        max_batch_size: int | None = None,
+        max_queue_delay_us: int | None = None,
     ) -> None:
         """Load the weights at ``model_path`` as model ``name`` (unary, or decoupled when ``streaming``) and wait until
-        it is ready. ``parameters`` overrides other config parameters (device, dtype, torch_num_threads, ...).
+        it is ready. ``parameters`` overrides other config parameters (device, dtype, torch_num_threads, ...);
+        ``max_batch_size`` / ``max_queue_delay_us`` the template's batching.
 
         A name that is already loaded with the same ``model_path`` is left as it is; with another one it is an error:
         load versions under new names (see `version_model_name`).
@@ -216,7 +236,9 @@ class TritonPolicyClient:
                 f"{name} is loaded already with model_path {loaded_path!r}; load {model_path!r} under a new name",
                 "ALREADY_EXISTS",
             )
-        config, files = self.template(streaming).for_version(name, model_path, parameters)
+        config, files = self.template(streaming).for_version(
+            name, model_path, parameters, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us
+        )
         try:
             # Returns once the model is loaded (or failed to load: the error says why, e.g. a bad model_path).
             await self._client.load_model(name, config=config, files=files, client_timeout=self.load_timeout_s)
@@ -270,17 +292,35 @@ class TritonPolicyClient:
             completion_tokens=completion_tokens,
         )
 
-    async def stream(self, model_name: str, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+    async def complete(self, model_name: str, request: GenerationRequest) -> GenerationResult:
+        """One row through a decoupled (streaming) model, answered in one piece (input STREAM=false): the model's
+        continuous batching serves it, and a cancelled call (the task cancelled) stops it on the server."""
+        async with contextlib.aclosing(self.stream(model_name, request, per_step=False)) as chunks:
+            async for chunk in chunks:
+                if chunk.final:
+                    return GenerationResult(
+                        text=chunk.text_delta,
+                        token_ids=chunk.token_ids,
+                        finish_reason=chunk.finish_reason or "",
+                        prompt_tokens=chunk.prompt_tokens,
+                        completion_tokens=chunk.completion_tokens,
+                    )
+        raise TritonClientError(f"{model_name}: no final response", "UNAVAILABLE")
+
+    async def stream(
+        self, model_name: str, request: GenerationRequest, *, per_step: bool = True
+    ) -> AsyncIterator[StreamChunk]:
         """Chunks of a decoupled (streaming) model as they come; the last one has ``finish_reason`` set.
 
         Closing the iterator early cancels the gRPC stream, and with it the request on the server: the model stops
         decoding it. ``break`` alone leaves an async generator open until it is garbage-collected; close it at once
         with ``async with contextlib.aclosing(client.stream(...)) as chunks: async for chunk in chunks: ...``.
+        ``per_step=False`` sends STREAM=false: the model answers with the final chunk only.
         """
         finished = asyncio.Event()
 
         async def one_request():
-            yield {"model_name": model_name, "inputs": _inputs(request)}
+            yield {"model_name": model_name, "inputs": _inputs(request, stream=per_step)}
             # Keep our side of the stream open until the final response arrived; closing it early is not a cancel,
             # but waiting makes the end of the call unambiguous.
             await finished.wait()
@@ -306,13 +346,15 @@ class TritonPolicyClient:
             raise TritonClientError(f"{model_name}: the stream ended without a final response", "UNAVAILABLE")
         except InferenceServerException as e:
             raise TritonClientError.wrap(e, model_name) from None
+        except grpc.aio.AioRpcError as e:  # the aio stream raises the channel's own errors (server gone, ...)
+            raise TritonClientError(f"{model_name}: {e.details()}", e.code().name) from None
         finally:
             if not finished.is_set():
                 finished.set()
                 calls.cancel()
 
 
-def _inputs(request: GenerationRequest) -> list[grpcclient.InferInput]:
+def _inputs(request: GenerationRequest, stream: bool | None = None) -> list[grpcclient.InferInput]:
     values = [
         ("PROMPT", "BYTES", np.array([[request.prompt.encode("utf-8")]], dtype=np.object_)),
         ("MAX_NEW_TOKENS", "INT32", np.array([[request.max_new_tokens]], dtype=np.int32)),
@@ -321,6 +363,8 @@ def _inputs(request: GenerationRequest) -> list[grpcclient.InferInput]:
         ("TOP_K", "INT32", np.array([[request.top_k]], dtype=np.int32)),
         ("SEED", "UINT64", np.array([[request.seed]], dtype=np.uint64)),
     ]
+    if stream is not None:  # decoupled models only (an optional input of policy_stream)
+        values.append(("STREAM", "BOOL", np.array([[stream]], dtype=np.bool_)))
     inputs = []
     for name, dtype, array in values:
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)

@@ -7,8 +7,8 @@ import torch
 from rlhf.core.generation import (
     GenerationOutput,
     SamplingParams,
-    _RowParams,
-    _sample,
+    RowParams,
+    sample_tokens,
     decode_responses,
     encode_prompts,
     generate,
@@ -194,8 +194,8 @@ def test_inverse_cdf_sampling_follows_the_distribution():
     batch = logits.expand(n, -1)
 
     def frequencies(params: SamplingParams) -> torch.Tensor:
-        rows = _RowParams.build([params] * n, 5, torch.device("cpu"))
-        tokens, _ = _sample(batch, rows, uniforms, want_logprobs=False)
+        rows = RowParams.build([params] * n, 5, torch.device("cpu"))
+        tokens, _ = sample_tokens(batch, rows, uniforms, want_logprobs=False)
         return torch.bincount(tokens, minlength=5).float() / n
 
     probs = torch.softmax(logits / 0.8, 0)

@@ -4,10 +4,18 @@ One file serves every policy version, unary (``policy``) and streaming (``policy
 ``model_transaction_policy`` decides which. Versions differ only in the config parameter ``model_path``, so the policy
 service loads each one under a new model name with a config override (see ``rlhf.policy.triton_client``).
 
-Same inputs, same text as the torch backend: prompts are tokenized with ``encode_prompts``, sampled with ``generate`` /
-``generate_steps`` (per-row seeds, temperature, top-k, top-p) and decoded with ``skip_special_tokens``, exactly as in
-process. A row's tokens depend on its own seed and logits only, so the rows the dynamic batcher puts together do not
+Same inputs, same text as the torch backend: prompts are tokenized as ``encode_prompts`` does, sampled with
+``rlhf.core.generation``'s sampler (per-row seeds, temperature, top-k, top-p) and decoded with ``skip_special_tokens``,
+exactly as in process. A row's tokens depend on its own seed and logits only, so the rows that share a batch do not
 change each other's text.
+
+Unary (``policy``): each execution decodes the batch the dynamic batcher formed, to the end (``generate``).
+Decoupled (``policy_stream``): continuous batching. ``execute`` only queues the requests' rows on the policy service's
+own engine (``rlhf.policy.engine.BatchEngine``, a thread that decodes every active row with one KV cache and lets new
+rows join between decode steps) and returns; the engine thread sends each row's responses as tokens come. A request's
+optional input STREAM=false asks for one final response with the whole text instead of a response per step: the
+policy service serves its unary calls that way too, so one model per version does both. A cancelled request (the
+client closed its stream) stops decoding at the next step.
 
 Needs, in the environment of the stub (the ``python3`` first on the server's PATH): torch, transformers, the ``rlhf``
 package and numpy < 2 (deploy/local/triton.py sees to it locally).
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +32,10 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 try:
-    from rlhf.core.generation import SamplingParams, decode_responses, encode_prompts, generate, generate_steps
+    from rlhf.core.generation import SamplingParams, decode_responses, encode_prompts, generate
     from rlhf.core.models import load_causal_lm
+    from rlhf.policy.engine import ERROR, BatchEngine, EngineStopped, QueueFull
+    from rlhf.policy.engine import Row as EngineRow
 except ImportError as e:  # pragma: no cover - a deployment error, reported at load time
     raise ImportError(
         f"{e}: the policy model needs the rlhf package in the environment of the Triton Python stub "
@@ -44,6 +55,8 @@ class ModelSettings:
     torch_num_threads: int  # 0: torch's default
     max_new_tokens_limit: int
     add_special_tokens: bool
+    max_active_rows: int  # decoupled: rows the engine decodes together (0: the config's max_batch_size)
+    max_queued_rows: int  # decoupled: rows waiting for a slot before requests are refused
 
     @staticmethod
     def from_args(args: dict) -> ModelSettings:
@@ -72,6 +85,8 @@ class ModelSettings:
             torch_num_threads=int(params.get("torch_num_threads") or 0),
             max_new_tokens_limit=int(params.get("max_new_tokens_limit") or 1024),
             add_special_tokens=params.get("add_special_tokens", "true").lower() in ("1", "true", "yes"),
+            max_active_rows=int(params.get("max_active_rows") or 0) or int(config.get("max_batch_size") or 8),
+            max_queued_rows=int(params.get("max_queued_rows") or 1024),
         )
 
 
@@ -100,6 +115,7 @@ class Row:
     prompt: str
     params: SamplingParams
     seed: int
+    stream: bool = True  # decoupled: a response per step (False: one final response)
 
 
 class RequestError(ValueError):
@@ -119,9 +135,23 @@ class TritonPythonModel:
         self.pad_token_id = self.tokenizer.pad_token_id
         # GPT-2 calls it n_positions; its config maps max_position_embeddings onto it.
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self.engine: BatchEngine | None = None
+        if self.decoupled:
+            self.engine = BatchEngine(
+                self.model,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id if self.pad_token_id is not None else self.eos_token_id,
+                loop=_OnEngineThread(),
+                max_batch_size=self.settings.max_active_rows,
+                max_wait_s=0.0,  # Triton's dynamic batcher already gathered the requests of an execution
+                max_queue=self.settings.max_queued_rows,
+                name=self.name,
+            ).start()
+            self._watcher = _CancellationWatcher(self.engine)
         pb_utils.Logger.log_info(
             f"{self.name}: loaded {self.settings.model_path} on {self.settings.device} "
-            f"({'decoupled' if self.decoupled else 'unary'}, context {self.context or 'unbounded'})"
+            f"({'decoupled, continuous batching' if self.decoupled else 'unary'}, "
+            f"context {self.context or 'unbounded'})"
         )
 
     # ----------------------------------------------------------------------------------------- requests -> rows
@@ -129,6 +159,7 @@ class TritonPythonModel:
     def _rows(self, index: int, request) -> list[Row]:
         prompts = _input(request, "PROMPT")
         values = {name: _input(request, name) for name in SAMPLING_INPUTS}
+        stream = _optional_input(request, "STREAM")
         rows = []
         for i, raw in enumerate(prompts):
             try:
@@ -150,7 +181,8 @@ class TritonPythonModel:
                 )
             except ValueError as e:
                 raise RequestError(str(e)) from None
-            rows.append(Row(request=index, prompt=prompt, params=params, seed=int(values["SEED"][i])))
+            rows.append(Row(request=index, prompt=prompt, params=params, seed=int(values["SEED"][i]),
+                            stream=bool(stream[i]) if stream is not None else True))
         return rows
 
     def _check_lengths(self, rows: list[Row]) -> None:
@@ -236,61 +268,127 @@ class TritonPythonModel:
         return responses
 
     def _stream(self, requests: list) -> None:
-        """Decoupled: per request, a response whenever its text grows, and a final one with the finish reason."""
-        senders = [r.get_response_sender() for r in requests]
+        """Decoupled: queue every valid request's row on the engine and return; the engine thread answers."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         rows, errors = self._parse(requests)
         for index, message in errors.items():
-            senders[index].send(_error_response(message, pb_utils.TritonError.INVALID_ARG), flags=final)
+            requests[index].get_response_sender().send(
+                _error_response(message, pb_utils.TritonError.INVALID_ARG), flags=final)
         if not rows:
             return
-        streams = [_TextStream(self.tokenizer) for _ in rows]
-        done = [False] * len(rows)
+        prompt_ids = self.tokenizer(
+            [r.prompt for r in rows], add_special_tokens=self.settings.add_special_tokens
+        )["input_ids"]
+        engine_rows = []
+        for row, ids in zip(rows, prompt_ids, strict=True):
+            request = requests[row.request]
+            answer = _Answer(request, request.get_response_sender(), _TextStream(self.tokenizer), len(ids), row.stream)
+            engine_row = EngineRow(ids, row.params, row.seed, answer.on_event,
+                                   stream=row.stream)
+            answer.row = engine_row
+            engine_rows.append(engine_row)
+            self._watcher.watch(answer)
         try:
-            input_ids, attention_mask = self._encode(rows)
-            prompt_tokens = attention_mask.sum(dim=1).tolist()
-            for step in generate_steps(
-                self.model,
-                input_ids,
-                attention_mask,
-                [r.params for r in rows],
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                seeds=[r.seed for r in rows],
-            ):
-                tokens = step.tokens.tolist()
-                emitted = step.emitted.tolist()
-                reasons = step.finish_reasons()
-                for i, row in enumerate(rows):
-                    if done[i]:
-                        continue
-                    sender = senders[row.request]
-                    if requests[row.request].is_cancelled():
-                        pb_utils.Logger.log_verbose(f"{self.name}: request cancelled after {step.index} tokens")
-                        sender.send(_stream_response(*streams[i].finish(), "cancelled", prompt_tokens[i]), flags=final)
-                        done[i] = True
-                        continue
-                    if emitted[i]:
-                        streams[i].add(tokens[i])
-                    if reasons[i] is not None:
-                        sender.send(_stream_response(*streams[i].finish(), reasons[i], prompt_tokens[i]), flags=final)
-                        done[i] = True
-                    else:
-                        delta = streams[i].delta()
-                        if delta is not None:
-                            sender.send(_stream_response(*delta, "", prompt_tokens[i]))
-                if all(done):
-                    break  # every row is finished or cancelled: stop decoding
-        except Exception as e:
-            message = f"{self.name}: generation failed: {type(e).__name__}: {e}"
-            pb_utils.Logger.log_error(message)
-            for i, row in enumerate(rows):
-                if not done[i]:
-                    senders[row.request].send(_error_response(message, pb_utils.TritonError.INTERNAL), flags=final)
+            self.engine.submit(engine_rows)
+        except (QueueFull, EngineStopped) as e:
+            for engine_row in engine_rows:
+                engine_row.on_event(_Failed(str(e)))
 
     def finalize(self) -> None:
+        if self.engine is not None:
+            self._watcher.stop()
+            self.engine.stop()  # rows still queued or running end with an error response
         pb_utils.Logger.log_info(f"{self.name}: unloaded")
         self.model = None
+
+
+class _OnEngineThread:
+    """Stands in for the event loop the engine delivers to: Triton's response senders may be called from any thread,
+    so the engine's events are handled at once, on the engine thread."""
+
+    @staticmethod
+    def call_soon_threadsafe(fn, *args) -> None:
+        fn(*args)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An engine-like event for a row that could not be queued."""
+
+    error: str
+    tokens: tuple = ()
+    finish: str = ERROR
+
+
+class _Answer:
+    """One decoupled request: turns its engine row's events into responses (on the engine thread).
+
+    ``lock`` guards the request's life: once the final response is sent, Triton releases the request, and asking it
+    whether it was cancelled crashes the server; the watcher asks only under the lock and only while not ``done``.
+    """
+
+    def __init__(self, request, sender, stream: _TextStream, prompt_tokens: int, per_step: bool) -> None:
+        self.request = request
+        self.sender = sender
+        self.stream = stream
+        self.prompt_tokens = prompt_tokens
+        self.per_step = per_step
+        self.row = None
+        self.done = False
+        self.lock = threading.Lock()
+
+    def on_event(self, event) -> None:
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        with self.lock:
+            if self.done:
+                return
+            for token in event.tokens:
+                self.stream.add(token)
+            if event.finish == ERROR:
+                self.sender.send(_error_response(event.error, pb_utils.TritonError.INTERNAL), flags=final)
+                self.done = True
+            elif event.finish is not None:
+                self.sender.send(_stream_response(*self.stream.finish(), event.finish, self.prompt_tokens),
+                                 flags=final)
+                self.done = True
+            elif self.per_step:
+                delta = self.stream.delta()
+                if delta is not None:
+                    self.sender.send(_stream_response(*delta, "", self.prompt_tokens))
+
+    def cancelled(self) -> bool:
+        with self.lock:
+            return not self.done and self.request.is_cancelled()
+
+
+class _CancellationWatcher:
+    """Polls the requests being answered for cancellation (the client closed its stream) and stops their rows."""
+
+    def __init__(self, engine: BatchEngine, interval_s: float = 0.02) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self._answers: set[_Answer] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cancellations", daemon=True)
+        self._thread.start()
+
+    def watch(self, answer: _Answer) -> None:
+        with self._lock:
+            self._answers.add(answer)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                self._answers = {a for a in self._answers if not a.done}
+                answers = list(self._answers)
+            cancelled = [a.row for a in answers if a.row is not None and a.cancelled()]
+            if cancelled:  # outside the answers' locks: a queued row's CANCELLED event is sent from this thread
+                self.engine.cancel(cancelled)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 class _TextStream:
@@ -340,6 +438,11 @@ def _input(request, name: str) -> np.ndarray:
     if tensor is None:
         raise RequestError(f"input {name} is missing")
     return tensor.as_numpy().reshape(-1)
+
+
+def _optional_input(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1)
 
 
 def _strings(values: list[str]) -> np.ndarray:

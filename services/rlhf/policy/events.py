@@ -1,0 +1,107 @@
+"""Follows ``rlhf.models.v1`` on a background thread and applies its events to this replica's versions.
+
+Every replica must see every event, so each has a consumer group of its own. What a replica loads lives in its memory
+only, so a replica reads the topic from the start each time it starts (a new group per start:
+``<prefix>.<replica>.<boot id>``) and applies the history folded into one change (see PolicyManager.apply_events):
+it reaches the fleet's current split without loading every version ever published. Offsets are committed after each
+batch is applied, which shows the replica's progress (consumer lag) to the usual Kafka tools.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from rlhf.bus import topics
+from rlhf.bus.base import Bus, Consumer, Message
+from rlhf.policy import metrics
+from rlhf.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+Apply = Callable[[Sequence[events_pb2.ModelEvent]], Coroutine[Any, Any, int]]
+
+
+def group_id(prefix: str, replica: str) -> str:
+    return f"{prefix}.{replica}.{uuid.uuid4().hex[:8]}"
+
+
+def parse_events(messages: Sequence[Message]) -> list[events_pb2.ModelEvent]:
+    """The ModelEvents of a batch of records; an unreadable record is counted and skipped."""
+    out = []
+    for message in messages:
+        try:
+            out.append(events_pb2.ModelEvent.FromString(message.value))
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything unreadable is skipped
+            metrics.MODEL_EVENTS.labels("failed").inc()
+            log.warning("unreadable record at %s[%d]@%d skipped", message.topic, message.partition, message.offset)
+    return out
+
+
+class ModelEventFollower:
+    """``start(loop)`` on the serving loop; ``apply`` runs there, the consumer on its own thread."""
+
+    def __init__(self, bus: Bus, apply: Apply, *, group: str, poll_timeout_s: float = 0.5,
+                 retry_s: float = 2.0) -> None:
+        self.bus = bus
+        self.apply = apply
+        self.group = group
+        self.poll_timeout_s = poll_timeout_s
+        self.retry_s = retry_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.caught_up = threading.Event()
+        """Set once a poll came back empty: the history of the topic has been applied."""
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="model-events", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        consumer: Consumer | None = None
+        while not self._stop.is_set():
+            try:
+                if consumer is None:
+                    consumer = self.bus.consumer([topics.MODELS], self.group, client_id=self.group)
+                messages = consumer.poll(self.poll_timeout_s, max_records=1000)
+                if not messages:
+                    self.caught_up.set()
+                    continue
+                events = parse_events(messages)
+                if events:
+                    future = asyncio.run_coroutine_threadsafe(self.apply(events), self._loop)  # type: ignore[arg-type]
+                    while not self._stop.is_set():  # the apply may load versions for minutes
+                        try:
+                            future.result(timeout=0.5)
+                            break
+                        except TimeoutError:
+                            continue
+                    else:
+                        future.cancel()
+                        break
+                consumer.commit(messages)
+            except Exception as e:  # noqa: BLE001 - the bus may be down: retry, serving goes on meanwhile
+                log.warning("following %s: %s; retrying in %.0fs", topics.MODELS, e, self.retry_s)
+                if consumer is not None:
+                    _close(consumer)
+                    consumer = None
+                self._stop.wait(self.retry_s)
+        if consumer is not None:
+            _close(consumer)
+
+
+def _close(consumer: Consumer) -> None:
+    try:
+        consumer.close()
+    except Exception:  # noqa: BLE001
+        log.debug("closing the model-event consumer failed", exc_info=True)
