@@ -40,6 +40,19 @@ class TopicSpec:
     """Extra topic configs, e.g. ``(("retention.ms", "604800000"),)``."""
 
 
+def check_topic_specs(specs: Sequence[TopicSpec]) -> dict[str, TopicSpec]:
+    """The specs by topic name; TypeError / ValueError for a bad spec or one topic given twice differently."""
+    by_name: dict[str, TopicSpec] = {}
+    for spec in specs:
+        if not isinstance(spec, TopicSpec):
+            raise TypeError(f"ensure_topics takes TopicSpec, got {spec!r}")
+        if spec.partitions < 1 or spec.replication_factor < 1:
+            raise ValueError(f"{spec.name}: partitions and replication_factor must be >= 1")
+        if by_name.setdefault(spec.name, spec) != spec:
+            raise ValueError(f"topic {spec.name!r} given twice with different specs")
+    return by_name
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordMetadata:
     """Where a sent record landed."""

@@ -31,7 +31,9 @@ import kafka
 import kafka.errors as kerr
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from rlhf.bus.base import Bus, BusError, BusUnavailable, Consumer, Message, RecordMetadata, TopicSpec
+from rlhf.bus.base import (
+    Bus, BusError, BusUnavailable, Consumer, Message, RecordMetadata, TopicSpec, check_topic_specs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -662,14 +664,7 @@ class KafkaBus(Bus):
             raise _bus_error(e, f"{what} failed") from e
 
     def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
-        by_name: dict[str, TopicSpec] = {}
-        for spec in specs:
-            if not isinstance(spec, TopicSpec):
-                raise TypeError(f"ensure_topics takes TopicSpec, got {spec!r}")
-            if spec.partitions < 1 or spec.replication_factor < 1:
-                raise ValueError(f"{spec.name}: partitions and replication_factor must be >= 1")
-            if by_name.setdefault(spec.name, spec) != spec:
-                raise ValueError(f"topic {spec.name!r} given twice with different specs")
+        by_name = check_topic_specs(specs)
         if not by_name:
             return
         if self._closed:

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from rlhf.bus.base import Bus, BusError, Consumer, Message, RecordMetadata, TopicSpec
+from rlhf.bus.base import Bus, BusError, Consumer, Message, RecordMetadata, TopicSpec, check_topic_specs
 
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF
@@ -119,14 +119,7 @@ class InMemoryBus(Bus):
         return parts
 
     def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
-        by_name: dict[str, TopicSpec] = {}
-        for spec in specs:
-            if not isinstance(spec, TopicSpec):
-                raise TypeError(f"ensure_topics takes TopicSpec, got {spec!r}")
-            if spec.partitions < 1 or spec.replication_factor < 1:
-                raise ValueError(f"{spec.name}: partitions and replication_factor must be >= 1")
-            if by_name.setdefault(spec.name, spec) != spec:
-                raise ValueError(f"topic {spec.name!r} given twice with different specs")
+        by_name = check_topic_specs(specs)
         with self._cond:
             if self._closed:
                 raise BusError("ensure_topics on a closed bus")
