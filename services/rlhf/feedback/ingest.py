@@ -24,7 +24,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter, Histogram
@@ -60,6 +61,7 @@ CACHE_ERRORS = Counter(
     "rlhf_feedback_cache_errors_total", "Cache operations that failed (the service degraded instead).", ["operation"]
 )
 
+T = TypeVar("T")
 DONE = b"done"
 _PENDING = object()
 _OUTCOME_NAMES = {
@@ -236,24 +238,19 @@ class FeedbackIngestor:
 
     # -- idempotency ---------------------------------------------------------------------------------------------
 
-    async def _cache_call(self, operation: str, primary, fallback):
-        """Run ``primary`` on the shared cache, ``fallback`` on this replica's cache when the shared one fails."""
+    async def _cache_call(self, operation: str, call: Callable[[Cache], Awaitable[T]]) -> T:
+        """``call`` on the shared cache; on this replica's fallback cache when the shared one fails."""
         try:
-            return await primary(self.cache)
+            return await call(self.cache)
         except CacheError as exc:
             CACHE_ERRORS.labels(operation).inc()
             log.warning("cache %s failed (%s); using this replica's fallback", operation, exc)
-            return await fallback(self._fallback)
+            return await call(self._fallback)
 
     async def _claim(self, event_ids: list[str]) -> list[bool | Outcome]:
         """True where this call now owns the event id; else the Outcome to report (DUPLICATE / FAILED)."""
-        ttl = self.config.pending_ttl_s
-
-        async def claim_all(cache: Cache) -> list[bool]:
-            claims = {keys.feedback_idempotency(eid): self._pending_value for eid in event_ids}
-            return await cache.set_many_if_absent(claims, ttl)
-
-        claims = await self._cache_call("claim", claim_all, claim_all)
+        wanted = {keys.feedback_idempotency(eid): self._pending_value for eid in event_ids}
+        claims = await self._cache_call("claim", lambda c: c.set_many_if_absent(wanted, self.config.pending_ttl_s))
         out: list[bool | Outcome] = []
         for eid, ok in zip(event_ids, claims):
             out.append(True if ok else await self._resolve_conflict(eid))
@@ -265,18 +262,13 @@ class FeedbackIngestor:
         deadline = time.monotonic() + self.config.publish_timeout_s + 1.0
         delay = 0.01
         while True:
-            async def read(cache: Cache) -> bytes | None:
-                return await cache.get(key)
-
-            value = await self._cache_call("read", read, read)
+            value = await self._cache_call("read", lambda c: c.get(key))
             if value == DONE:
                 return Outcome(Status.SUBMIT_STATUS_DUPLICATE)
             if value is None:  # the other holder failed and released it: try to own it
-
-                async def claim(cache: Cache) -> bool:
-                    return await cache.set_if_absent(key, self._pending_value, self.config.pending_ttl_s)
-
-                if await self._cache_call("claim", claim, claim):
+                claimed = await self._cache_call(
+                    "claim", lambda c: c.set_if_absent(key, self._pending_value, self.config.pending_ttl_s))
+                if claimed:
                     return True
                 continue
             if time.monotonic() > deadline:
@@ -294,7 +286,7 @@ class FeedbackIngestor:
             for eid in failed_ids:
                 await cache.delete(keys.feedback_idempotency(eid))
 
-        await self._cache_call("finish", finish, finish)
+        await self._cache_call("finish", finish)
 
     # -- join ------------------------------------------------------------------------------------------------
 
