@@ -37,7 +37,6 @@ import argparse
 import base64
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -51,6 +50,8 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+
+from localtools import file_lock, log_end
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -159,12 +160,8 @@ START_BANNER = "===== {time} starting {name} ====="
 
 def tail(path: Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a log, from the last start of the service only."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
+    text = log_end(path)
+    if text is None:
         return f"(no log at {path})"
     text = text.rsplit("\n=====", 1)[-1].split("\n", 1)[-1] if "\n=====" in text else text
     return "\n".join(text.splitlines()[-lines:]) or "(the log has nothing since the start)"
@@ -229,18 +226,6 @@ def ensure_debian_package(binary: str, package: str) -> str:
     if not found:
         raise InfraError(f"installed {package} but found no {binary} on PATH")
     return found
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock, so two `up`s (two test sessions) do not start the same service twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------- probes

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -47,6 +46,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from localtools import file_lock, log_end
 
 HOST = "127.0.0.1"
 PYTRITON_VERSION = "0.7.0"
@@ -130,18 +131,6 @@ def resolve_paths(args: argparse.Namespace) -> Paths:
         home=(cache / f"tritonserver-pytriton-{version}").resolve(),
         python=python,
     )
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock: two test sessions must not install or start the same server at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_checked(cmd: list[str], what: str, timeout_s: float = 900, **kwargs: object) -> str:
@@ -337,12 +326,8 @@ def http_ready(http_port: int, timeout_s: float = 2.0) -> str | None:
 
 
 def tail(path: Path, lines: int = 40) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
+    text = log_end(path)
+    if text is None:
         return f"(no log at {path})"
     return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
 
