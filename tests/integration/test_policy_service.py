@@ -33,6 +33,7 @@ from rlhf.policy.servicer import PolicyComponent
 from rlhf.serving.server import ServiceHost
 from rlhf.v1 import common_pb2, events_pb2, policy_pb2, policy_pb2_grpc
 from support.hosting import HostThread
+from support.policy_load import generate_in_a_loop
 from support.kafka_read import read_topic
 
 pytestmark = pytest.mark.integration
@@ -333,28 +334,12 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_generated(artifacts
 
 def run_load(stub, stop: threading.Event, workers: int = 4, max_new_tokens: int = 6):
     """Clients asking in a loop until ``stop``: [(started, finished, version or error)]."""
-    results: list[tuple[float, float, str]] = []
-    lock = threading.Lock()
-
-    def client(worker: int) -> None:
-        i = 0
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                reply = stub.Generate(request(PROMPTS[(worker + i) % len(PROMPTS)], seed=worker * 1000 + i,
-                                              max_new_tokens=max_new_tokens, routing_key=f"user-{worker}-{i}"),
-                                      timeout=30)
-                outcome = reply.policy_version
-            except grpc.RpcError as e:
-                outcome = f"error: {e.code().name} {e.details()}"
-            with lock:
-                results.append((started, time.monotonic(), outcome))
-            i += 1
-
-    threads = [threading.Thread(target=client, args=(w,)) for w in range(workers)]
-    for t in threads:
-        t.start()
-    return results, threads
+    return generate_in_a_loop(
+        stub, stop,
+        lambda worker, i: request(PROMPTS[(worker + i) % len(PROMPTS)], seed=worker * 1000 + i,
+                                  max_new_tokens=max_new_tokens, routing_key=f"user-{worker}-{i}"),
+        workers=workers, timeout_s=30,
+    )
 
 
 def test_version_swap_and_rollback_under_load_drop_nothing(artifacts, kafka_bootstrap, redis_url):

@@ -39,6 +39,7 @@ from rlhf.policy.triton_client import TritonPolicyClient
 from rlhf.serving.server import ServiceHost
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from support.hosting import HostThread
+from support.policy_load import generate_in_a_loop
 
 pytestmark = [
     pytest.mark.integration,
@@ -192,27 +193,12 @@ def test_a_cancelled_stream_is_cancelled_on_triton(stub):
 def test_version_swap_under_load_fails_nothing(service, stub, triton):
     old, new = service.version, f"tv2-{uuid.uuid4().hex[:6]}"
     stop = threading.Event()
-    results: list[tuple[float, float, str]] = []
-    lock = threading.Lock()
-
-    def client(worker: int) -> None:
-        i = 0
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                reply = stub.Generate(request(PROMPTS[(worker + i) % len(PROMPTS)], seed=worker * 1000 + i,
-                                              max_new_tokens=6), timeout=120)
-                outcome = reply.policy_version
-            except grpc.RpcError as e:
-                outcome = f"error: {e.code().name} {e.details()}"
-            with lock:
-                results.append((started, time.monotonic(), outcome))
-            i += 1
-            time.sleep(0.02)  # steady traffic that leaves the CPU to the loading models too
-
-    threads = [threading.Thread(target=client, args=(w,)) for w in range(3)]
-    for t in threads:
-        t.start()
+    # steady traffic that leaves the CPU to the loading models too
+    results, threads = generate_in_a_loop(
+        stub, stop,
+        lambda worker, i: request(PROMPTS[(worker + i) % len(PROMPTS)], seed=worker * 1000 + i, max_new_tokens=6),
+        workers=3, timeout_s=120, pause_s=0.02,
+    )
     time.sleep(0.5)
     reply = stub.LoadPolicy(policy_pb2.LoadPolicyRequest(
         version=common_pb2.ModelVersion(version=new, uri="v2"), traffic_percent=100), timeout=300)
