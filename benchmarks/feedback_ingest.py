@@ -6,7 +6,8 @@ kafka-python producer sending the same serialized events to the same broker, in 
     python benchmarks/feedback_ingest.py --events 20000 --repeats 5
 
 The service runs in its own process (as in production: `rlhf feedback`, real Kafka and Redis); this process is
-the product streaming events over one SubmitStream, in messages of --per-message events. Both sides count an event only once it is durable (acks=all):
+the product streaming events over one SubmitStream, in messages of --per-message events. Also reported: CPU
+microseconds per event of the raw producer's process and of the service's process (all threads of each). Both sides count an event only once it is durable (acks=all):
 the service when its acknowledgement arrives, the raw producer when `flush()` returns. Runs alternate
 (raw, service, raw, service, ...); the medians and their ratio are printed and written as JSON.
 """
@@ -50,6 +51,12 @@ def make_events(n: int, run: str) -> list[feedback_pb2.FeedbackEvent]:
             ev.ranking.response_ids.extend([f"resp-{i}-{k}" for k in range(4)])
         out.append(ev)
     return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_raw(bootstrap: str, events: list[feedback_pb2.FeedbackEvent], topic: str) -> float:
@@ -121,14 +128,19 @@ def main() -> int:
     raw_topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
     try:
         run_service(f"127.0.0.1:{port}", make_events(2000, "warmup-" + uuid.uuid4().hex), args.per_message)  # warm the service
-        raw, ours = [], []
+        raw, ours, raw_cpu, our_cpu = [], [], [], []
         for i in range(args.repeats):
             run_id = uuid.uuid4().hex
             events = make_events(args.events, run_id)
+            cpu = time.process_time()
             raw.append(run_raw(args.kafka, events, raw_topic))
-            ours.append(run_service(f"127.0.0.1:{port}", make_events(args.events, run_id + "s"), args.per_message))
-            print(f"run {i + 1}/{args.repeats}: raw producer {raw[-1]:,.0f} ev/s, service {ours[-1]:,.0f} ev/s",
-                  flush=True)
+            raw_cpu.append((time.process_time() - cpu) / args.events * 1e6)
+            service_events = make_events(args.events, run_id + "s")
+            cpu = process_cpu_s(proc.pid)
+            ours.append(run_service(f"127.0.0.1:{port}", service_events, args.per_message))
+            our_cpu.append((process_cpu_s(proc.pid) - cpu) / args.events * 1e6)
+            print(f"run {i + 1}/{args.repeats}: raw producer {raw[-1]:,.0f} ev/s ({raw_cpu[-1]:.0f} us CPU/event), "
+                  f"service {ours[-1]:,.0f} ev/s ({our_cpu[-1]:.0f} us CPU/event)", flush=True)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -141,6 +153,10 @@ def main() -> int:
         "ratio_service_over_raw": statistics.median(ours) / statistics.median(raw),
         "raw_runs": raw,
         "service_runs": ours,
+        # CPU per event: the raw producer process (all its threads) and the service process (all its threads)
+        "raw_cpu_us_per_event": statistics.median(raw_cpu),
+        "service_cpu_us_per_event": statistics.median(our_cpu),
+        "load_average_1m_at_end": os.getloadavg()[0],
         "feedback_topic": topics.FEEDBACK,
         "cpu_count": os.cpu_count(),
     }

@@ -21,6 +21,7 @@ import pytest
 from rlhf.bus import bus_from_url
 from rlhf.bus.base import BusError, BusUnavailable, RecordMetadata, TopicSpec
 from rlhf.bus.kafka import KafkaBus, KafkaConfig, _SendFuture
+from rlhf.bus.partitioning import partition_for_key
 from unit.test_memory_bus import BusContract, poll_quiet, poll_until
 
 
@@ -125,7 +126,8 @@ def test_broker_outage_fails_short_sends_retries_long_ones_and_recovers(
     kafka_bootstrap: str, kafka_broker, topic_name: str, group_id: str
 ) -> None:
     """While the broker is down: ping and sends with a short delivery timeout fail with BusUnavailable in time; a
-    send with a long delivery timeout is retried and lands once the broker is back; new sends succeed again."""
+    send with a long delivery timeout is retried and lands once the broker is back; new sends succeed again.
+    The same for every record of a ``send_batch`` (its fast path)."""
     short = KafkaBus(kafka_config(kafka_bootstrap, delivery_timeout_s=3.0, request_timeout_s=2.0, max_block_s=2.0))
     patient = KafkaBus(kafka_config(kafka_bootstrap, delivery_timeout_s=90.0, request_timeout_s=5.0))
     closing = KafkaBus(kafka_config(kafka_bootstrap, delivery_timeout_s=90.0, request_timeout_s=5.0))
@@ -140,12 +142,17 @@ def test_broker_outage_fails_short_sends_retries_long_ones_and_recovers(
         with pytest.raises(BusUnavailable):
             short.ping(2.0)
         failed = short.send(topic_name, b"lost", key=b"k")
+        failed_batch = short.send_batch(topic_name, [(b"lost-batch-0", b"k"), (b"lost-batch-1", b"k")])
         retried = patient.send(topic_name, b"retried", key=b"k")
+        retried_batch = patient.send_batch(topic_name, [(b"retried-batch-0", b"k"), (b"retried-batch-1", b"k")])
         abandoned = closing.send(topic_name, b"abandoned", key=b"k")
+        abandoned_batch = closing.send_batch(topic_name, [(b"abandoned-batch", b"k")])
         with pytest.raises(BusUnavailable):
             failed.result(timeout=30)
+        lost = failed_batch.result(timeout=30)
+        assert len(lost) == 2 and all(isinstance(o, BusUnavailable) for o in lost), lost
         assert time.monotonic() - t < 3.0 + 2.0 + 2.0
-        assert not retried.done()
+        assert not retried.done() and not retried_batch.done()
 
         # Closing a bus while its broker is down: bounded, and its unsent record's future fails (never hangs).
         t = time.monotonic()
@@ -153,9 +160,12 @@ def test_broker_outage_fails_short_sends_retries_long_ones_and_recovers(
         assert time.monotonic() - t < 10
         with pytest.raises(BusError):
             abandoned.result(timeout=5)
+        [gone] = abandoned_batch.result(timeout=5)
+        assert isinstance(gone, BusError)
 
         kafka_broker.start()
         retried.result(timeout=90)
+        assert all(isinstance(o, RecordMetadata) for o in retried_batch.result(timeout=90))
         deadline = time.monotonic() + 30
         while True:  # the short bus's producer reconnects within its backoff (1 s at most)
             try:
@@ -164,19 +174,20 @@ def test_broker_outage_fails_short_sends_retries_long_ones_and_recovers(
                 break
             except BusUnavailable:
                 assert time.monotonic() < deadline, "the bus did not recover after the broker restart"
-        assert after.offset == 4
+        assert after.offset == 6
     finally:
         short.close(5)
         patient.close(5)
         closing.close(1)
     reader = bus_from_url(f"kafka://{kafka_bootstrap}")
     with reader.consumer([topic_name], group_id) as consumer:
-        got = poll_until(consumer, 5)
+        got = poll_until(consumer, 7)
         got += poll_quiet(consumer, 1.0)
     reader.close()
-    # Exactly once each, in order: the retried record was written once (idempotent producer), the failed and the
+    # Exactly once each, in order: the retried records were written once (idempotent producer), the failed and the
     # abandoned ones never.
-    assert [m.value for m in got] == [b"before", b"patient-before", b"closing-before", b"retried", b"after"]
+    assert [m.value for m in got] == [b"before", b"patient-before", b"closing-before", b"retried",
+                                      b"retried-batch-0", b"retried-batch-1", b"after"]
 
 
 # --------------------------------------------------------------------------------------------- Kafka specifics
@@ -206,6 +217,70 @@ def test_bus_from_url_carries_config(kafka_bootstrap: str) -> None:
         bus.ping(5)
     finally:
         bus.close()
+
+
+def test_send_batch_appends_whole_batches_without_a_send_per_record(
+    bus: KafkaBus, topic_name: str, group_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the pinned kafka-python the fast path is taken (rlhf.bus.kafka_batch): KafkaProducer.send is never
+    called, and the records land where send would have put them, with their keys and values."""
+    bus.ensure_topics([TopicSpec(topic_name, partitions=4)])
+    placed = [bus.send(topic_name, b"by-send-%d" % i, key=b"key-%d" % i).result(30) for i in range(40)]
+    assert bus._appender is not None, "kafka_batch.supported() refused the pinned kafka-python"
+
+    def no_send(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("send_batch called KafkaProducer.send")
+
+    monkeypatch.setattr(bus._producer, "send", no_send)
+    records = [(b"by-batch-%d" % i, b"key-%d" % i if i % 9 else None) for i in range(3000)]
+    outcomes = bus.send_batch(topic_name, records).result(60)
+    for i in range(40):
+        if i % 9:
+            assert outcomes[i].partition == placed[i].partition  # same key, same partition as send
+    monkeypatch.undo()
+    reader = KafkaBus(bus.config)
+    try:
+        with reader.consumer([topic_name], group_id) as consumer:
+            got = poll_until(consumer, 40 + len(records))
+    finally:
+        reader.close()
+    at = {(m.partition, m.offset): (m.value, m.key) for m in got}
+    assert [at[(md.partition, md.offset)] for md in outcomes] == records
+
+
+def test_send_batch_falls_back_to_send_without_the_fast_path(bus: KafkaBus, topic_name: str, group_id: str) -> None:
+    bus.ensure_topics([TopicSpec(topic_name, partitions=3)])
+    bus.send(topic_name, b"warm").result(30)
+    bus._appender = None  # as with a kafka-python whose internals changed
+    records = [(b"v%d" % i, b"k%d" % (i % 5)) for i in range(200)]
+    outcomes = bus.send_batch(topic_name, records).result(60)
+    assert [md.partition for md in outcomes] == [partition_for_key(k, 3) for _, k in records]
+
+
+def test_send_batch_survives_the_broker_splitting_a_batch_too_large(
+    kafka_bootstrap: str, topic_name: str, group_id: str
+) -> None:
+    """A topic whose max.message.bytes is below the producer's batches: the broker refuses them
+    (MESSAGE_TOO_LARGE), kafka-python splits them and rebinds each record (our _Slot) to its new batch. Every
+    record still resolves once, at the offset where it landed, in order."""
+    bus = KafkaBus(kafka_config(kafka_bootstrap, linger_s=0.05))
+    try:
+        bus.ensure_topics([TopicSpec(topic_name, partitions=1, config=(("max.message.bytes", "3000"),))])
+        bus.send(topic_name, b"warm", key=b"k").result(30)
+        records = [(b"%04d-" % i + b"x" * 100, b"k") for i in range(300)]  # ~36 kB in one 256 kB batch
+        outcomes = bus.send_batch(topic_name, records).result(60)
+        assert all(isinstance(md, RecordMetadata) for md in outcomes), outcomes[:3]
+        assert [md.offset for md in outcomes] == list(range(1, 301))
+    finally:
+        bus.close(10)
+    reader = bus_from_url(f"kafka://{kafka_bootstrap}")
+    try:
+        with reader.consumer([topic_name], group_id) as consumer:
+            got = poll_until(consumer, 301)
+            got += poll_quiet(consumer, 0.5)
+    finally:
+        reader.close()
+    assert [m.value for m in got] == [b"warm"] + [v for v, _ in records]
 
 
 @pytest.mark.slow

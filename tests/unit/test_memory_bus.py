@@ -18,7 +18,7 @@ import pytest
 
 from rlhf.bus import InMemoryBus, bus_from_url, topics
 from rlhf.bus.base import Bus, BusError, BusUnavailable, Consumer, Message, RecordMetadata, TopicSpec
-from rlhf.bus.memory import murmur2, partition_for_key
+from rlhf.bus.partitioning import partition_for_key
 
 
 def poll_until(consumer: Consumer, want: int, timeout_s: float = 30.0,
@@ -313,6 +313,67 @@ class BusContract:
             bus.send(topic, b"after").result(10)
 
 
+    # -- send_batch: the same guarantees per record, one future for the batch
+
+    def test_send_batch_places_records_like_send(self, bus: Bus, topic: str, group_id: str) -> None:
+        records = [(b"v%d" % i, b"key-%d" % (i % 13) if i % 5 else None) for i in range(300)]
+        outcomes = bus.send_batch(topic, records).result(30)
+        assert len(outcomes) == len(records)
+        assert all(isinstance(md, RecordMetadata) and md.topic == topic for md in outcomes)
+        for md, (_, key) in zip(outcomes, records):
+            if key is not None:
+                assert md.partition == partition_for_key(key, self.PARTITIONS)
+        assert len({(md.partition, md.offset) for md in outcomes}) == len(records)
+        with bus.consumer([topic], group_id) as consumer:
+            got = poll_until(consumer, len(records))
+        at = {(m.partition, m.offset): (m.value, m.key) for m in got}
+        assert [at[(md.partition, md.offset)] for md in outcomes] == records
+
+    def test_send_batch_keeps_the_order_of_a_key_with_send(self, bus: Bus, topic: str, group_id: str) -> None:
+        expected = []
+        for round_ in range(5):
+            bus.send(topic, b"single-%d" % round_, key=b"k")
+            batch = [(b"batch-%d-%d" % (round_, i), b"k") for i in range(20)]
+            bus.send_batch(topic, batch)
+            expected += [b"single-%d" % round_] + [v for v, _ in batch]
+        bus.flush(30)
+        with bus.consumer([topic], group_id) as consumer:
+            got = poll_until(consumer, len(expected))
+        assert [m.value for m in got] == expected
+
+    def test_send_batch_checks_every_record_before_queuing_any(self, bus: Bus, topic: str, group_id: str) -> None:
+        with pytest.raises(TypeError, match="value"):
+            bus.send_batch(topic, [(b"fine", b"k"), ("text", b"k")])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="key"):
+            bus.send_batch(topic, [(b"fine", "k")])  # type: ignore[list-item]
+        with pytest.raises(ValueError, match="topic"):
+            bus.send_batch("", [(b"v", None)])
+        assert bus.send_batch(topic, []).result(5) == []
+        with bus.consumer([topic], group_id) as consumer:
+            assert_only_new_records_arrive(bus, consumer, topic, self.SETTLE_S)
+
+    def test_send_batch_fails_only_the_record_too_large(self, bus: Bus, topic: str) -> None:
+        big = b"x" * (2 * 1024 * 1024)
+        outcomes = bus.send_batch(topic, [(b"small-1", b"a"), (big, b"b"), (b"small-2", b"c")]).result(30)
+        assert isinstance(outcomes[0], RecordMetadata) and isinstance(outcomes[2], RecordMetadata)
+        assert isinstance(outcomes[1], BusError) and not isinstance(outcomes[1], BusUnavailable)
+
+    def test_publish_batch_from_asyncio(self, bus: Bus, topic: str) -> None:
+        async def main() -> list[list]:
+            return await asyncio.gather(*(bus.publish_batch(topic, [(b"%d-%d" % (n, i), b"k%d" % n)
+                                                                      for i in range(50)]) for n in range(4)))
+
+        for outcomes in asyncio.run(main()):
+            offsets = [md.offset for md in outcomes]
+            assert offsets == sorted(offsets) and len(set(offsets)) == 50
+
+    def test_send_batch_after_close_fails_every_record(self, bus: Bus, topic: str) -> None:
+        bus.send(topic, b"before").result(30)
+        bus.close(10)
+        outcomes = bus.send_batch(topic, [(b"a", None), (b"b", b"k")]).result(10)
+        assert len(outcomes) == 2 and all(isinstance(o, BusError) for o in outcomes)
+
+
 class TestInMemoryBusContract(BusContract):
     @pytest.fixture
     def bus(self) -> InMemoryBus:
@@ -322,15 +383,6 @@ class TestInMemoryBusContract(BusContract):
 
 
 # --------------------------------------------------------------------------------------------- in-memory only
-
-
-def test_murmur2_matches_kafka_python() -> None:
-    kafka_default = pytest.importorskip("kafka.partitioner.default")
-    for data in [b"", b"a", b"ab", b"abc", b"abcd", b"abcde", "ünïcode".encode(), bytes(range(256)), b"x" * 1001]:
-        assert murmur2(data) & 0x7FFFFFFF == kafka_default.murmur2(data) & 0x7FFFFFFF, data
-    for _ in range(200):
-        key = uuid.uuid4().bytes
-        assert partition_for_key(key, 7) == (kafka_default.murmur2(key) & 0x7FFFFFFF) % 7
 
 
 def test_send_resolves_before_returning_and_autocreates_topics() -> None:

@@ -15,7 +15,8 @@ import abc
 import asyncio
 import concurrent.futures
 import dataclasses
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
 
 
 class BusError(Exception):
@@ -53,6 +54,40 @@ def check_topic_specs(specs: Sequence[TopicSpec]) -> dict[str, TopicSpec]:
     return by_name
 
 
+def check_record(
+    topic: str, value: bytes, key: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
+) -> list[tuple[str, bytes]]:
+    """Raise TypeError / ValueError for a record no bus can send (a programming error, not a bus failure);
+    return its headers as a list."""
+    if type(topic) is not str:
+        raise TypeError(f"topic must be a str, got {type(topic).__name__}")
+    if not topic:
+        raise ValueError("topic must not be empty")
+    if type(value) is not bytes and not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"value must be bytes, got {type(value).__name__}")
+    if key is not None and type(key) is not bytes and not isinstance(key, (bytes, bytearray, memoryview)):
+        raise TypeError(f"key must be bytes or None, got {type(key).__name__}")
+    if not headers:
+        return []
+    out = []
+    for item in headers:
+        if not (isinstance(item, tuple) and len(item) == 2 and type(item[0]) is str and isinstance(item[1], bytes)):
+            raise TypeError(f"headers must be (str, bytes) pairs, got {item!r}")
+        out.append(item)
+    return out
+
+
+def _outcome(fut: concurrent.futures.Future) -> RecordMetadata | BusError:
+    exc = fut.exception()
+    if exc is None:
+        return fut.result()
+    if isinstance(exc, BusError):
+        return exc
+    err = BusError(f"send failed: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordMetadata:
     """Where a sent record landed."""
@@ -73,6 +108,38 @@ class Message:
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
     timestamp_ms: int = 0
+
+
+class BatchResults:
+    """The outcomes of one ``send_batch`` call, filled in from any thread as records resolve.
+
+    ``future`` resolves, once every record has an outcome, to the list of them in the call's order: the record's
+    :class:`RecordMetadata` once durable, or the :class:`BusError` it failed with. The first outcome given for a
+    record is kept."""
+
+    def __init__(self, n: int) -> None:
+        self.future: concurrent.futures.Future[list[RecordMetadata | BusError]] = concurrent.futures.Future()
+        self._results: list[RecordMetadata | BusError | None] = [None] * n
+        self._remaining = n
+        self._lock = threading.Lock()
+        if n == 0:
+            self.future.set_result([])
+
+    def set_many(self, outcomes: Iterable[tuple[int, RecordMetadata | BusError]]) -> None:
+        """Record ``(index, outcome)`` pairs; resolves the future with the last missing one."""
+        results = self._results
+        with self._lock:
+            for i, outcome in outcomes:
+                if results[i] is None:
+                    results[i] = outcome
+                    self._remaining -= 1
+            last = self._remaining == 0 and not self.future.done()
+        if last:
+            self.future.set_result(list(results))  # type: ignore[arg-type]
+
+    def fail_unset(self, error: BusError) -> None:
+        """Give every record without an outcome yet this error."""
+        self.set_many([(i, error) for i, r in enumerate(list(self._results)) if r is None])
 
 
 class Consumer(abc.ABC):
@@ -119,6 +186,27 @@ class Bus(abc.ABC):
     ) -> RecordMetadata:
         """``send`` for asyncio code: awaits durability without blocking the event loop."""
         return await asyncio.wrap_future(self.send(topic, value, key=key, headers=headers))
+
+    def send_batch(
+        self, topic: str, records: Sequence[tuple[bytes, bytes | None]]
+    ) -> concurrent.futures.Future[list[RecordMetadata | BusError]]:
+        """Queue ``(value, key)`` records, in order; the future resolves once each is durable or failed, to one
+        outcome per record (its RecordMetadata or its BusError), never to an exception. A malformed record raises
+        TypeError / ValueError before any is queued. Same guarantees per record as ``send``; implementations may
+        do it with much less work per record (Kafka does)."""
+        for value, key in records:
+            check_record(topic, value, key)
+        results = BatchResults(len(records))
+        for i, (value, key) in enumerate(records):
+            self.send(topic, value, key=key).add_done_callback(
+                lambda fut, i=i: results.set_many([(i, _outcome(fut))]))
+        return results.future
+
+    async def publish_batch(
+        self, topic: str, records: Sequence[tuple[bytes, bytes | None]]
+    ) -> list[RecordMetadata | BusError]:
+        """``send_batch`` for asyncio code: one wake-up of the event loop for the whole batch."""
+        return await asyncio.wrap_future(self.send_batch(topic, records))
 
     @abc.abstractmethod
     def flush(self, timeout_s: float | None = None) -> None:

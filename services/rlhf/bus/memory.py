@@ -27,40 +27,10 @@ import threading
 import time
 from collections.abc import Sequence
 
-from rlhf.bus.base import Bus, BusError, Consumer, Message, RecordMetadata, TopicSpec, check_topic_specs
-
-_M = 0x5BD1E995
-_MASK = 0xFFFFFFFF
-
-
-def murmur2(data: bytes) -> int:
-    """32-bit MurmurHash2 as Kafka's producers use it to place a keyed record (seed 0x9747b28c), unsigned."""
-    length = len(data)
-    h = (0x9747B28C ^ length) & _MASK
-    tail = length & ~3
-    for i in range(0, tail, 4):
-        k = int.from_bytes(data[i:i + 4], "little")
-        k = (k * _M) & _MASK
-        k ^= k >> 24
-        k = (k * _M) & _MASK
-        h = ((h * _M) & _MASK) ^ k
-    rest = length & 3
-    if rest:
-        if rest == 3:
-            h ^= data[tail + 2] << 16
-        if rest >= 2:
-            h ^= data[tail + 1] << 8
-        h ^= data[tail]
-        h = (h * _M) & _MASK
-    h ^= h >> 13
-    h = (h * _M) & _MASK
-    h ^= h >> 15
-    return h
-
-
-def partition_for_key(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner picks for ``key`` among ``partitions``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+from rlhf.bus.base import (
+    Bus, BusError, Consumer, Message, RecordMetadata, TopicSpec, check_record, check_topic_specs,
+)
+from rlhf.bus.partitioning import partition_for_key
 
 
 class _Partition:
@@ -140,7 +110,7 @@ class InMemoryBus(Bus):
         key: bytes | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
     ) -> concurrent.futures.Future[RecordMetadata]:
-        hdrs = _check_record(topic, value, key, headers)
+        hdrs = tuple(check_record(topic, value, key, headers))
         fut: concurrent.futures.Future[RecordMetadata] = concurrent.futures.Future()
         fut.set_running_or_notify_cancel()
         size = len(value) + (len(key) if key is not None else 0) + sum(len(k) + len(v) for k, v in hdrs)
@@ -305,20 +275,3 @@ class _InMemoryConsumer(Consumer):
         if not self._closed:
             self._closed = True
             self._bus._leave(self._group_id, self._member)
-
-
-def _check_record(topic: str, value: bytes, key: bytes | None,
-                  headers: Sequence[tuple[str, bytes]]) -> tuple[tuple[str, bytes], ...]:
-    """The same checks as the Kafka bus: TypeError / ValueError for a malformed record."""
-    if type(topic) is not str:
-        raise TypeError(f"topic must be a str, got {type(topic).__name__}")
-    if not topic:
-        raise ValueError("topic must not be empty")
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise TypeError(f"value must be bytes, got {type(value).__name__}")
-    if key is not None and not isinstance(key, (bytes, bytearray, memoryview)):
-        raise TypeError(f"key must be bytes or None, got {type(key).__name__}")
-    for item in headers:
-        if not (isinstance(item, tuple) and len(item) == 2 and type(item[0]) is str and isinstance(item[1], bytes)):
-            raise TypeError(f"headers must be (str, bytes) pairs, got {item!r}")
-    return tuple(headers)

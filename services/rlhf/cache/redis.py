@@ -16,6 +16,11 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+
+try:
+    import hiredis
+except ImportError:  # redis works without it, only slower
+    hiredis = None
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -101,6 +106,40 @@ return #KEYS
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, OSError, asyncio.TimeoutError)
 
 
+class _HiredisPacking:
+    """Packs commands with hiredis (C) instead of ``redis.asyncio``'s Python packer: about 0.25 instead of 2.5 us
+    per argument. The sync client already does this when hiredis is installed; the asyncio one does not, and a
+    batch script has an argument per key. Mixed into whichever connection class the URL picks (TCP, TLS, unix)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str):  # "SCRIPT LOAD"-style names are sent as separate words
+            args = (*first.encode().split(), *args[1:])
+        elif b" " in first:
+            args = (*first.split(), *args[1:])
+        encoder = self.encoder  # type: ignore[attr-defined]
+        if encoder.encoding.replace("-", "").lower() == "utf8" and encoder.encoding_errors == "strict":
+            try:  # str, bytes, int and float: hiredis writes them as redis-py's encoder would
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass  # memoryview, bytearray, or a type redis-py refuses (bool): its encoder decides
+
+        def as_bytes(arg: Any) -> bytes:
+            out = encoder.encode(arg)  # raises DataError for what Redis cannot take
+            return out if type(out) is bytes else bytes(out)
+
+        try:
+            return [hiredis.pack_command(tuple(as_bytes(a) for a in args))]
+        except TypeError as e:
+            raise rexc.DataError(str(e)) from e
+
+
+def _with_hiredis_packing(cls: type) -> type:
+    if hiredis is None or not hasattr(hiredis, "pack_command"):
+        return cls
+    return type(f"HiredisPacking{cls.__name__}", (_HiredisPacking, cls), {})
+
+
 class RedisCache(Cache):
     """:class:`Cache` on Redis."""
 
@@ -116,6 +155,7 @@ class RedisCache(Cache):
             # would answer "not stored" for a key it stored itself.
             retry=Retry(NoBackoff(), c.retries, supported_errors=(rexc.ConnectionError,)),
         )
+        pool.connection_class = _with_hiredis_packing(pool.connection_class)
         self._r = aioredis.Redis(connection_pool=pool)
         self._prefix = c.key_prefix
         self._set_many_nx = self._r.register_script(_SET_MANY_NX)
@@ -174,7 +214,14 @@ class RedisCache(Cache):
     def _script_args(self, items: Mapping[str, bytes], ttl_s: float | None) -> tuple[list[str], list[bytes | int]]:
         px = _px(ttl_s)
         keys = [self._key(k) for k in items]
-        return keys, ["" if px is None else px, *(check_value(v) for v in items.values())]
+        checked: dict[int, bytes] = {}  # each distinct value object once (a batch often repeats one value)
+        values = []
+        for v in items.values():
+            c = checked.get(id(v))
+            if c is None:
+                c = checked[id(v)] = check_value(v)
+            values.append(c)
+        return keys, ["" if px is None else px, *values]
 
     async def set_if_absent(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
         stored = await self._call("SET NX", self._r.set(self._key(key), check_value(value), px=_px(ttl_s), nx=True))

@@ -35,6 +35,22 @@ def _response(event_id: str, sequence: int, outcome: Outcome) -> feedback_pb2.Su
     return resp
 
 
+def _stream_response(events: Sequence[feedback_pb2.FeedbackEvent], outcomes: Sequence[Outcome],
+                     first_sequence: int) -> feedback_pb2.SubmitStreamResponse:
+    """One ack per event, built in place (``acks.add``: no message copied per event)."""
+    answer = feedback_pb2.SubmitStreamResponse()
+    add = answer.acks.add
+    for i, (event, outcome) in enumerate(zip(events, outcomes)):
+        if outcome.error is None:
+            add(event_id=event.event_id, status=outcome.status, sequence=first_sequence + i,
+                unknown_response_ids=outcome.unknown_response_ids)
+        else:
+            add(event_id=event.event_id, status=outcome.status, sequence=first_sequence + i,
+                unknown_response_ids=outcome.unknown_response_ids, error_code=outcome.error.code.value[0],
+                error_message=outcome.error.message)
+    return answer
+
+
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def __init__(self, ingestor: FeedbackIngestor, config: FeedbackConfig) -> None:
         self.ingestor = ingestor
@@ -67,10 +83,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                     outcomes = [Outcome(feedback_pb2.SUBMIT_STATUS_REJECTED, error=error)] * len(events)
                 else:
                     outcomes = await self.ingestor.submit_batch(events)
-                answers.put_nowait(feedback_pb2.SubmitStreamResponse(acks=[
-                    _response(event.event_id, first_sequence + i, outcome)
-                    for i, (event, outcome) in enumerate(zip(events, outcomes))
-                ]))
+                answers.put_nowait(_stream_response(events, outcomes, first_sequence))
             finally:
                 for _ in range(min(len(events), cfg.max_in_flight)):
                     window.release()

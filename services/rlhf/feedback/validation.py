@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import NamedTuple
 
 from rlhf.serving.errors import InvalidArgument
 from rlhf.v1 import common_pb2, feedback_pb2
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 ID_RULE = "1..128 characters of [A-Za-z0-9._:-]"
+_ID_FULLMATCH = ID_PATTERN.fullmatch
 KINDS = ("rating", "pairwise", "ranking", "demonstration", "edit")
 ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 64
 MAX_METADATA = 32
+_THUMB_UNSPECIFIED = feedback_pb2.THUMB_UNSPECIFIED  # read once: enum attributes are slow to look up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +28,15 @@ class Limits:
     max_future_skew_s: float = 300.0
 
 
-def _require_id(value: str, field: str) -> None:
+def _require_id(value: str, field: str, name: str, index: int | None = None) -> None:
+    """``value`` is a valid id; the error names ``field.name`` (``field.name[index]``). Field names are built only
+    for an error: this runs several times per event on the ingestion hot path."""
+    if value and _ID_FULLMATCH(value):
+        return
+    where = f"{field}.{name}" if index is None else f"{field}.{name}[{index}]"
     if not value:
-        raise InvalidArgument(field, f"required ({ID_RULE})")
-    if not ID_PATTERN.fullmatch(value):
-        raise InvalidArgument(field, f"{value[:40]!r} is not a valid id ({ID_RULE})")
+        raise InvalidArgument(where, f"required ({ID_RULE})")
+    raise InvalidArgument(where, f"{value[:40]!r} is not a valid id ({ID_RULE})")
 
 
 def _require_text(value: str, field: str, limits: Limits) -> None:
@@ -40,11 +47,12 @@ def _require_text(value: str, field: str, limits: Limits) -> None:
         raise InvalidArgument(field, f"is {size} bytes; at most {limits.max_text_bytes} bytes allowed")
 
 
-def _bounded(value: str, field: str, most: int) -> None:
+def _bounded(value: str, field: str, name: str, most: int) -> None:
+    if value and len(value) <= most:
+        return
     if not value:
-        raise InvalidArgument(field, f"required (1..{most} characters)")
-    if len(value) > most:
-        raise InvalidArgument(field, f"is {len(value)} characters; at most {most} allowed")
+        raise InvalidArgument(f"{field}.{name}", f"required (1..{most} characters)")
+    raise InvalidArgument(f"{field}.{name}", f"is {len(value)} characters; at most {most} allowed")
 
 
 def validate_conversation(conv: common_pb2.Conversation, field: str, limits: Limits) -> None:
@@ -72,27 +80,42 @@ def response_ids(event: feedback_pb2.FeedbackEvent) -> list[str]:
     return []
 
 
-def validate_event(event: feedback_pb2.FeedbackEvent, limits: Limits, now_s: float, field: str = "event") -> None:
-    """Raise :class:`InvalidArgument` for the first problem found in ``event``."""
+class Checked(NamedTuple):
+    """What validation learnt about a valid event, so that the ingestion path does not read it again."""
+
+    kind: str
+    """The kind set (``rating``, ``pairwise``, ...)."""
+    response_ids: list[str]
+    """The served responses it refers to, in order (as :func:`response_ids`)."""
+
+
+def validate_event(
+    event: feedback_pb2.FeedbackEvent, limits: Limits, now_s: float, field: str = "event"
+) -> Checked:
+    """Raise :class:`InvalidArgument` for the first problem found in ``event``; else its kind and response ids."""
     # 1. envelope
-    _require_id(event.event_id, f"{field}.event_id")
-    _bounded(event.product, f"{field}.product", 64)
-    _bounded(event.annotator_id, f"{field}.annotator_id", 128)
-    if event.prompt_id:
-        _require_id(event.prompt_id, f"{field}.prompt_id")
-    if not event.HasField("created_at") or (event.created_at.seconds == 0 and event.created_at.nanos == 0):
+    _require_id(event.event_id, field, "event_id")
+    _bounded(event.product, field, "product", 64)
+    _bounded(event.annotator_id, field, "annotator_id", 128)
+    prompt_id = event.prompt_id
+    if prompt_id:
+        _require_id(prompt_id, field, "prompt_id")
+    created = event.created_at
+    seconds, nanos = created.seconds, created.nanos
+    if (seconds == 0 and nanos == 0) or not event.HasField("created_at"):
         raise InvalidArgument(f"{field}.created_at", "required (when the annotator gave the feedback)")
-    if not 0 <= event.created_at.nanos < 1_000_000_000:
+    if not 0 <= nanos < 1_000_000_000:
         raise InvalidArgument(f"{field}.created_at.nanos", "must be in [0, 1e9)")
-    ahead = event.created_at.seconds + event.created_at.nanos / 1e9 - now_s
+    ahead = seconds + nanos / 1e9 - now_s
     if ahead > limits.max_future_skew_s:
         raise InvalidArgument(
             f"{field}.created_at",
             f"is {ahead:.0f}s in the future; at most {limits.max_future_skew_s:.0f}s of clock skew is allowed",
         )
-    if len(event.metadata) > MAX_METADATA:
-        raise InvalidArgument(f"{field}.metadata", f"has {len(event.metadata)} entries; at most {MAX_METADATA}")
-    for key, value in event.metadata.items():
+    metadata = event.metadata
+    if len(metadata) > MAX_METADATA:
+        raise InvalidArgument(f"{field}.metadata", f"has {len(metadata)} entries; at most {MAX_METADATA}")
+    for key, value in metadata.items() if metadata else ():
         if not 1 <= len(key.encode()) <= 64:
             raise InvalidArgument(f"{field}.metadata", f"key {key[:70]!r} must be 1..64 bytes")
         if len(value.encode()) > 1024:
@@ -102,51 +125,65 @@ def validate_event(event: feedback_pb2.FeedbackEvent, limits: Limits, now_s: flo
     kind = event.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument(f"{field}.kind", f"required: set one of {', '.join(KINDS)}")
-    _VALIDATORS[kind](getattr(event, kind), f"{field}.{kind}", limits)
+    return Checked(kind, _VALIDATORS[kind](getattr(event, kind), field, limits))
 
 
-def _rating(rating: feedback_pb2.Rating, field: str, limits: Limits) -> None:
-    _require_id(rating.response_id, f"{field}.response_id")
+# Each takes (message of the kind, the event's field name, limits), names errors ``<event field>.<kind>.<...>``
+# and returns the response ids the message names.
+
+def _rating(rating: feedback_pb2.Rating, parent: str, limits: Limits) -> list[str]:
+    response_id = rating.response_id
+    _require_id(response_id, parent, "rating.response_id")
     value = rating.WhichOneof("value")
-    if value is None:
-        raise InvalidArgument(f"{field}.value", "required: set thumb or scale")
     if value == "thumb":
-        if rating.thumb == feedback_pb2.THUMB_UNSPECIFIED:
-            raise InvalidArgument(f"{field}.thumb", "must be THUMB_UP or THUMB_DOWN")
-        return
+        if rating.thumb == _THUMB_UNSPECIFIED:
+            raise InvalidArgument(f"{parent}.rating.thumb", "must be THUMB_UP or THUMB_DOWN")
+        return [response_id]
+    if value is None:
+        raise InvalidArgument(f"{parent}.rating.value", "required: set thumb or scale")
     scale = rating.scale
     if scale.min >= scale.max:
-        raise InvalidArgument(f"{field}.scale.max", f"must be greater than min ({scale.min}), got {scale.max}")
+        raise InvalidArgument(f"{parent}.rating.scale.max",
+                              f"must be greater than min ({scale.min}), got {scale.max}")
     if scale.max - scale.min > 100:
-        raise InvalidArgument(f"{field}.scale", f"range {scale.min}..{scale.max} is wider than 100 steps")
+        raise InvalidArgument(f"{parent}.rating.scale", f"range {scale.min}..{scale.max} is wider than 100 steps")
     if not scale.min <= scale.value <= scale.max:
-        raise InvalidArgument(f"{field}.scale.value", f"{scale.value} is outside [{scale.min}, {scale.max}]")
+        raise InvalidArgument(f"{parent}.rating.scale.value", f"{scale.value} is outside [{scale.min}, {scale.max}]")
+    return [response_id]
 
 
-def _pairwise(pair: feedback_pb2.PairwisePreference, field: str, limits: Limits) -> None:
-    _require_id(pair.chosen_response_id, f"{field}.chosen_response_id")
-    _require_id(pair.rejected_response_id, f"{field}.rejected_response_id")
-    if pair.chosen_response_id == pair.rejected_response_id:
-        raise InvalidArgument(f"{field}.rejected_response_id", "must differ from chosen_response_id")
+def _pairwise(pair: feedback_pb2.PairwisePreference, parent: str, limits: Limits) -> list[str]:
+    chosen, rejected = pair.chosen_response_id, pair.rejected_response_id
+    _require_id(chosen, parent, "pairwise.chosen_response_id")
+    _require_id(rejected, parent, "pairwise.rejected_response_id")
+    if chosen == rejected:
+        raise InvalidArgument(f"{parent}.pairwise.rejected_response_id", "must differ from chosen_response_id")
+    return [chosen, rejected]
 
 
-def _ranking(ranking: feedback_pb2.Ranking, field: str, limits: Limits) -> None:
-    ids = ranking.response_ids
-    if len(ids) < 2:
-        raise InvalidArgument(f"{field}.response_ids", f"has {len(ids)} item(s); a ranking needs at least 2")
-    if len(ids) > limits.max_ranking_size:
-        raise InvalidArgument(f"{field}.response_ids", f"has {len(ids)} items; at most {limits.max_ranking_size}")
-    seen: dict[str, int] = {}
+def _ranking(ranking: feedback_pb2.Ranking, parent: str, limits: Limits) -> list[str]:
+    ids = list(ranking.response_ids)
+    n = len(ids)
+    if n < 2:
+        raise InvalidArgument(f"{parent}.ranking.response_ids", f"has {n} item(s); a ranking needs at least 2")
+    if n > limits.max_ranking_size:
+        raise InvalidArgument(f"{parent}.ranking.response_ids", f"has {n} items; at most {limits.max_ranking_size}")
     for i, rid in enumerate(ids):
-        _require_id(rid, f"{field}.response_ids[{i}]")
-        if rid in seen:
-            raise InvalidArgument(
-                f"{field}.response_ids[{i}]", f"duplicates response_ids[{seen[rid]}]; rank distinct responses"
-            )
-        seen[rid] = i
+        _require_id(rid, parent, "ranking.response_ids", i)
+    if len(set(ids)) != n:
+        seen: dict[str, int] = {}
+        for i, rid in enumerate(ids):
+            if rid in seen:
+                raise InvalidArgument(
+                    f"{parent}.ranking.response_ids[{i}]",
+                    f"duplicates response_ids[{seen[rid]}]; rank distinct responses",
+                )
+            seen[rid] = i
+    return ids
 
 
-def _demonstration(demo: feedback_pb2.Demonstration, field: str, limits: Limits) -> None:
+def _demonstration(demo: feedback_pb2.Demonstration, parent: str, limits: Limits) -> list[str]:
+    field = f"{parent}.demonstration"
     source = demo.WhichOneof("input")
     if source is None:
         raise InvalidArgument(f"{field}.prompt", "required: set prompt or messages")
@@ -155,11 +192,14 @@ def _demonstration(demo: feedback_pb2.Demonstration, field: str, limits: Limits)
     else:
         validate_conversation(demo.messages, f"{field}.messages", limits)
     _require_text(demo.response, f"{field}.response", limits)
+    return []
 
 
-def _edit(edit: feedback_pb2.Edit, field: str, limits: Limits) -> None:
-    _require_id(edit.response_id, f"{field}.response_id")
-    _require_text(edit.edited_text, f"{field}.edited_text", limits)
+def _edit(edit: feedback_pb2.Edit, parent: str, limits: Limits) -> list[str]:
+    response_id = edit.response_id
+    _require_id(response_id, parent, "edit.response_id")
+    _require_text(edit.edited_text, f"{parent}.edit.edited_text", limits)
+    return [response_id]
 
 
 _VALIDATORS = {
