@@ -11,7 +11,9 @@ from kafka.cluster import ClusterMetadata
 from kafka.partitioner.default import DefaultPartitioner
 from kafka.partitioner.default import murmur2 as kafka_murmur2
 
-from rlhf.bus.partitioning import murmur2, murmur2_many, partition_for_key, partitions_for_keys
+from rlhf.bus.partitioning import (
+    NUMPY_FROM_KEYS, murmur2, murmur2_many, partition_for_key, partitions_for_keys,
+)
 
 EDGE_KEYS = [b"", b"a", b"ab", b"abc", b"abcd", b"abcde", "ünïcode".encode(), bytes(range(256)), b"x" * 1001,
              b"\xff" * 7, b"\x00" * 9]
@@ -54,7 +56,9 @@ def test_partitions_for_keys_match_kafka_pythons_default_partitioner(partitions:
 
     keys = random_keys(500, seed=len(partitions)) + EDGE_KEYS
     expected = [DefaultPartitioner().partition("t", k, k, None, None, Cluster()) for k in keys]
-    assert partitions_for_keys(keys, partitions) == expected
+    assert partitions_for_keys(keys, partitions) == expected  # the numpy path
+    few = keys[:NUMPY_FROM_KEYS - 1]
+    assert partitions_for_keys(few, partitions) == expected[:len(few)]  # the per-key path
 
 
 def test_partitions_for_keys_needs_a_partition() -> None:
