@@ -461,10 +461,14 @@ class Kafka(Service):
         self.write_configs()
         data = self.dir / "data"
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            # Kafka's own random ids never start with "-" (one in 64 base64 ids would, and the tool's argument
+            # parser takes it for an option); "--cluster-id=" keeps it an argument in any case.
+            cluster_id = "-"
+            while cluster_id.startswith("-"):
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
             run_quiet(
                 [java, "-Xmx256m", "-cp", f"{self.libs}/*", "kafka.tools.StorageTool", "format",
-                 "--cluster-id", cluster_id, "--config", str(self.dir / "server.properties"), "--ignore-formatted"],
+                 f"--cluster-id={cluster_id}", "--config", str(self.dir / "server.properties"), "--ignore-formatted"],
                 "formatting Kafka storage", 120,
             )
 
