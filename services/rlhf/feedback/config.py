@@ -37,6 +37,9 @@ class FeedbackConfig(ServerConfig):
     max_events_per_message: int = field(
         1000, "Most events in one SubmitStream message; a larger message has all its events REJECTED.")
     max_in_flight: int = field(4096, "Unacknowledged events per stream before the service stops reading it.")
+    cache_calls_in_flight: int = field(
+        2, "Concurrent cache calls per ingestion step (claim, lookup, mark done). Events of other batches that "
+        "arrive meanwhile wait and go together in the next call (group commit): fewer, larger calls under load.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +51,7 @@ class FeedbackConfig(ServerConfig):
         _check(self.publish_timeout_s > 0, "publish_timeout_s", "must be > 0")
         _check(self.max_events_per_message >= 1, "max_events_per_message", "must be >= 1")
         _check(self.max_in_flight >= self.max_events_per_message, "max_in_flight", "must be >= max_events_per_message")
+        _check(self.cache_calls_in_flight >= 1, "cache_calls_in_flight", "must be >= 1")
 
     @property
     def pending_ttl_s(self) -> float:

@@ -35,6 +35,7 @@ from rlhf.feedback import record
 from rlhf.feedback.config import FeedbackConfig
 from rlhf.feedback.validation import Limits, validate_event
 from rlhf.serving.errors import Aborted, InvalidArgument, ServiceError, Unavailable
+from rlhf.serving.group_commit import GroupCommit
 from rlhf.v1 import events_pb2, feedback_pb2
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,11 @@ class FeedbackIngestor:
         self._in_flight: dict[str, tuple[asyncio.Future[list[Outcome]], int]] = {}
         self._replica = config.replica  # computed once: it asks the OS for the host name
         self._pending_value = f"pending:{self._replica}".encode()
+        # One cache step of concurrent batches (streams, messages, unary calls) in one call (group commit).
+        limit = config.cache_calls_in_flight
+        self._claims = GroupCommit(self._claim_ids, limit=limit)
+        self._lookups = GroupCommit(self._get_served, limit=limit)
+        self._marks = GroupCommit(self._mark_done, limit=limit)
 
     async def submit(self, event: feedback_pb2.FeedbackEvent) -> Outcome:
         return (await self.submit_batch([event]))[0]
@@ -230,12 +236,18 @@ class FeedbackIngestor:
 
     async def _claim(self, event_ids: list[str]) -> list[bool | Outcome]:
         """True where this call now owns the event id; else the Outcome to report (DUPLICATE / FAILED)."""
-        wanted = {keys.feedback_idempotency(eid): self._pending_value for eid in event_ids}
-        claims = await self._cache_call("claim", lambda c: c.set_many_if_absent(wanted, self.config.pending_ttl_s))
+        claims = await self._claims(event_ids)
         out: list[bool | Outcome] = []
         for eid, ok in zip(event_ids, claims):
             out.append(True if ok else await self._resolve_conflict(eid))
         return out
+
+    async def _claim_ids(self, event_ids: list[str]) -> list[bool]:
+        """SET NX of ``pending:<replica>`` for each id (of one or more concurrent batches), in one cache call."""
+        wanted = {keys.feedback_idempotency(eid): self._pending_value for eid in event_ids}
+        if len(wanted) != len(event_ids):  # cannot happen: an id is in flight in one batch of this replica at most
+            raise RuntimeError("the same event_id was claimed twice in one cache call")
+        return await self._cache_call("claim", lambda c: c.set_many_if_absent(wanted, self.config.pending_ttl_s))
 
     async def _resolve_conflict(self, event_id: str) -> bool | Outcome:
         """The id is claimed already: DUPLICATE when done; wait while pending elsewhere; re-claim if released."""
@@ -259,15 +271,20 @@ class FeedbackIngestor:
             delay = min(delay * 2, 0.5)
 
     async def _finish(self, done_ids: list[str], failed_ids: list[str]) -> None:
-        ttl = self.config.idempotency_ttl_s
+        if done_ids:
+            await self._marks(done_ids)
+        if failed_ids:
+            async def release(cache: Cache) -> None:
+                for eid in failed_ids:
+                    await cache.delete(keys.feedback_idempotency(eid))
 
-        async def finish(cache: Cache) -> None:
-            if done_ids:
-                await cache.set_many({keys.feedback_idempotency(eid): DONE for eid in done_ids}, ttl)
-            for eid in failed_ids:
-                await cache.delete(keys.feedback_idempotency(eid))
+            await self._cache_call("finish", release)
 
-        await self._cache_call("finish", finish)
+    async def _mark_done(self, event_ids: list[str]) -> list[None]:
+        """Mark published ids ``done`` for ``idempotency_ttl_s`` (of one or more concurrent batches, one call)."""
+        done = {keys.feedback_idempotency(eid): DONE for eid in event_ids}
+        await self._cache_call("finish", lambda c: c.set_many(done, self.config.idempotency_ttl_s))
+        return [None] * len(event_ids)
 
     # -- join ------------------------------------------------------------------------------------------------
 
@@ -278,7 +295,7 @@ class FeedbackIngestor:
         found: dict[str, bytes | None] = {}
         if wanted:
             try:
-                values = await self.cache.get_many([keys.served_response(rid) for rid in wanted])
+                values = await self._lookups(wanted)
                 found = dict(zip(wanted, values))
             except CacheError as exc:
                 CACHE_ERRORS.labels("lookup").inc()
@@ -297,3 +314,7 @@ class FeedbackIngestor:
                         break
             out.append((unknown, False, prompt_id))
         return out
+
+    async def _get_served(self, response_ids: list[str]) -> list[bytes | None]:
+        """The served-response records of response ids (of one or more concurrent batches, one cache call)."""
+        return await self.cache.get_many([keys.served_response(rid) for rid in response_ids])
