@@ -24,6 +24,17 @@ class Recorder:
         return [i * 10 for i in items]
 
 
+async def queue_behind_a_running_call(
+    gc: GroupCommit, first: list[int], later: list[list[int]]
+) -> tuple[asyncio.Future, list[asyncio.Future]]:
+    """Start ``gc(first)`` (its run blocks on the recorder's gate), then the ``later`` calls, which all wait."""
+    running = asyncio.ensure_future(gc(first))
+    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(gc(items)) for items in later]
+    await asyncio.sleep(0.01)
+    return running, waiting
+
+
 def test_an_idle_call_runs_at_once() -> None:
     async def main() -> None:
         run = Recorder()
@@ -40,10 +51,8 @@ def test_callers_arriving_during_a_call_share_the_next_one() -> None:
     async def main() -> None:
         run = Recorder()
         gc = GroupCommit(run, limit=1)
-        first = asyncio.ensure_future(gc([1]))
-        await asyncio.sleep(0)
-        waiting = [asyncio.ensure_future(gc([10 * n + k for k in range(n)])) for n in range(2, 6)]
-        await asyncio.sleep(0.01)
+        first, waiting = await queue_behind_a_running_call(gc, [1], [[10 * n + k for k in range(n)]
+                                                                     for n in range(2, 6)])
         assert run.calls == [[1]] and gc.running == 1  # the others wait for the running call
         run.gate.set()
         assert await first == [10]
@@ -72,10 +81,7 @@ def test_an_error_reaches_the_callers_of_its_call_only() -> None:
     async def main() -> None:
         run = Recorder()
         gc = GroupCommit(run, limit=1)
-        first = asyncio.ensure_future(gc([1]))
-        await asyncio.sleep(0)
-        doomed = [asyncio.ensure_future(gc([2])), asyncio.ensure_future(gc([3]))]
-        await asyncio.sleep(0.01)  # all queued behind the first call
+        first, doomed = await queue_behind_a_running_call(gc, [1], [[2], [3]])
         run.fail_on = 3
         run.gate.set()
         assert await first == [10]
@@ -92,10 +98,7 @@ def test_max_items_bounds_a_merged_call_without_splitting_a_caller() -> None:
     async def main() -> None:
         run = Recorder()
         gc = GroupCommit(run, limit=1, max_items=4)
-        first = asyncio.ensure_future(gc([0]))
-        await asyncio.sleep(0)
-        rest = [asyncio.ensure_future(gc(items)) for items in ([1, 2], [3, 4], [5], [6, 7, 8, 9, 10], [11])]
-        await asyncio.sleep(0.01)  # all queued behind the first call
+        first, rest = await queue_behind_a_running_call(gc, [0], [[1, 2], [3, 4], [5], [6, 7, 8, 9, 10], [11]])
         run.gate.set()
         await first
         await asyncio.gather(*rest)
@@ -108,11 +111,7 @@ def test_a_cancelled_waiting_caller_is_left_out_and_a_wrong_result_count_is_an_e
     async def main() -> None:
         run = Recorder()
         gc = GroupCommit(run, limit=1)
-        first = asyncio.ensure_future(gc([1]))
-        await asyncio.sleep(0)
-        gone = asyncio.ensure_future(gc([2]))
-        kept = asyncio.ensure_future(gc([3]))
-        await asyncio.sleep(0.01)  # both queued behind the first call
+        first, (gone, kept) = await queue_behind_a_running_call(gc, [1], [[2], [3]])
         gone.cancel()
         run.gate.set()
         await first
