@@ -49,40 +49,30 @@ def partition_for_key(key: bytes, partitions: int) -> int:
 
 
 def murmur2_many(keys: Sequence[bytes]) -> np.ndarray:
-    """:func:`murmur2` of each key, as uint32, shape ``(len(keys),)``: one numpy pass per 4-byte block of the
-    longest key instead of a Python loop per key."""
+    """:func:`murmur2` of each key, as uint32, shape ``(len(keys),)``: the 4-byte blocks of all keys mixed at once,
+    then one numpy step per block of the longest key instead of a Python loop per key."""
     n = len(keys)
     if n == 0:
         return np.zeros(0, dtype=np.uint32)
-    lengths = np.fromiter((len(k) for k in keys), dtype=np.int64, count=n)  # (N,)
-    width = int(-(-int(lengths.max()) // 4) * 4) or 4  # bytes per row, a multiple of 4
-    padded = b"".join(bytes(k).ljust(width, b"\0") for k in keys)
-    raw = np.frombuffer(padded, dtype=np.uint8).reshape(n, width)  # (N, W)
-    words = raw.view("<u4").astype(np.uint32)  # (N, W/4): little-endian 4-byte blocks, like the Java loop
-
+    lengths = np.fromiter(map(len, keys), dtype=np.int64, count=n)  # (N,)
+    width = (int(lengths.max()) // 4 + 1) * 4  # whole blocks, with room for a key's 1-3 tail bytes
+    raw = np.frombuffer(b"".join(bytes(k).ljust(width, b"\0") for k in keys), dtype=np.uint8).reshape(n, width)
+    blocks = lengths >> 2  # (N,) full blocks per key
     with np.errstate(over="ignore"):
+        k = raw.view("<u4").astype(np.uint32)  # (N, W/4) little-endian blocks, like the Java loop reads them
+        k *= _M
+        k ^= k >> _R
+        k *= _M
         h = np.uint32(_SEED) ^ lengths.astype(np.uint32)  # (N,)
-        blocks = lengths // 4  # (N,) full blocks per key
-        for i in range(words.shape[1]):
-            active = blocks > i
-            if not active.any():
-                break
-            k = words[:, i] * _M
-            k ^= k >> _R
-            k *= _M
-            mixed = (h * _M) ^ k
-            h = np.where(active, mixed, h)
-        # the last 1-3 bytes
-        extra = lengths % 4  # (N,)
-        tail = lengths & ~3  # (N,) index of the first byte after the full blocks
+        for i in range(int(blocks.max())):
+            h = np.where(blocks > i, (h * _M) ^ k[:, i], h)
+        # The 1-3 bytes after the full blocks; the padding after a key is zeros, so xor-ing all three bytes
+        # equals xor-ing the ones the key has.
+        tail = lengths & ~3
         rows = np.arange(n)
-        padded_raw = np.concatenate([raw, np.zeros((n, 3), dtype=np.uint8)], axis=1)  # room for tail + 2
-        b0 = padded_raw[rows, tail].astype(np.uint32)
-        b1 = padded_raw[rows, tail + 1].astype(np.uint32)
-        b2 = padded_raw[rows, tail + 2].astype(np.uint32)
-        h = np.where(extra >= 3, h ^ (b2 << np.uint32(16)), h)
-        h = np.where(extra >= 2, h ^ (b1 << np.uint32(8)), h)
-        h = np.where(extra >= 1, (h ^ b0) * _M, h)
+        last = (raw[rows, tail].astype(np.uint32) | (raw[rows, tail + 1].astype(np.uint32) << np.uint32(8))
+                | (raw[rows, tail + 2].astype(np.uint32) << np.uint32(16)))
+        h = np.where(lengths & 3, (h ^ last) * _M, h)
         h ^= h >> np.uint32(13)
         h *= _M
         h ^= h >> np.uint32(15)
