@@ -38,8 +38,13 @@ class FeedbackConfig(ServerConfig):
         1000, "Most events in one SubmitStream message; a larger message has all its events REJECTED.")
     max_in_flight: int = field(4096, "Unacknowledged events per stream before the service stops reading it.")
     cache_calls_in_flight: int = field(
-        2, "Concurrent cache calls per ingestion step (claim, lookup, mark done). Events of other batches that "
-        "arrive meanwhile wait and go together in the next call (group commit): fewer, larger calls under load.")
+        1, "Concurrent cache calls per ingestion step (claim, lookup, mark done). Events of other batches that "
+        "arrive meanwhile wait and go together in the next call (group commit): fewer, larger calls under load. "
+        "One gave the most events/s on a 2-core machine (benchmarks/README.md).")
+    publish_calls_in_flight: int = field(
+        1, "Concurrent sends of records to the bus, each waiting until its records are durable. Records of batches "
+        "that arrive meanwhile wait and go together in the next send (group commit); this adds at most one "
+        "send's latency (the producer's linger plus a broker round trip) and gave the most events/s.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,6 +57,7 @@ class FeedbackConfig(ServerConfig):
         _check(self.max_events_per_message >= 1, "max_events_per_message", "must be >= 1")
         _check(self.max_in_flight >= self.max_events_per_message, "max_in_flight", "must be >= max_events_per_message")
         _check(self.cache_calls_in_flight >= 1, "cache_calls_in_flight", "must be >= 1")
+        _check(self.publish_calls_in_flight >= 1, "publish_calls_in_flight", "must be >= 1")
 
     @property
     def pending_ttl_s(self) -> float:

@@ -110,6 +110,7 @@ class FeedbackIngestor:
         self._claims = GroupCommit(self._claim_ids, limit=limit)
         self._lookups = GroupCommit(self._get_served, limit=limit)
         self._marks = GroupCommit(self._mark_done, limit=limit)
+        self._publishes = GroupCommit(self._send_records, limit=config.publish_calls_in_flight)
 
     async def submit(self, event: feedback_pb2.FeedbackEvent) -> Outcome:
         return (await self.submit_batch([event]))[0]
@@ -203,12 +204,11 @@ class FeedbackIngestor:
         return [o or _FAILED_ALONGSIDE for o in outcomes]
 
     async def _publish_all(self, payloads: list[tuple[bytes, bytes]]) -> list[BaseException | None]:
-        """Send every (value, key) to the feedback topic as one batch; per record None once durable, else the
-        error. The event loop wakes once per batch, when the last record resolves (or at the timeout)."""
+        """Send every (value, key) to the feedback topic; per record None once durable, else the error. Records
+        of concurrent batches go to the bus together (group commit); the event loop wakes once per such call."""
         start = time.perf_counter()
-        sent = self.bus.send_batch(topics.FEEDBACK, payloads)
         try:
-            outcomes = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(sent)), self.config.publish_timeout_s)
+            outcomes = await asyncio.wait_for(asyncio.shield(self._publishes(payloads)), self.config.publish_timeout_s)
         except asyncio.TimeoutError:
             return [Unavailable(
                 f"the message bus did not confirm the event within {self.config.publish_timeout_s:.0f}s; "
@@ -222,6 +222,10 @@ class FeedbackIngestor:
         if any(o is None for o in out):
             PUBLISH_SECONDS.observe(time.perf_counter() - start)
         return out
+
+    async def _send_records(self, payloads: list[tuple[bytes, bytes]]) -> list:
+        """One ``send_batch`` to the feedback topic (of one or more concurrent batches); an outcome per record."""
+        return await asyncio.wrap_future(self.bus.send_batch(topics.FEEDBACK, payloads))
 
     # -- idempotency ---------------------------------------------------------------------------------------------
 
