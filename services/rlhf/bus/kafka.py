@@ -4,7 +4,7 @@ Where time goes on the send path, and why it is split in two:
 
 * ``KafkaProducer.send`` only appends to an in-memory batch when the producer exists and knows the topic's
   partitions. Then :meth:`KafkaBus.send` calls it directly on the caller's thread (the fast path: a few
-  microseconds over the raw producer, see tests/integration/test_kafka_bus.py::test_send_overhead_vs_raw_producer).
+  microseconds over the raw producer, see benchmarks/kafka_bus_overhead.py).
 * Otherwise ``KafkaProducer.send`` blocks: creating the producer bootstraps a connection, and the first send to a
   topic waits for its metadata, each up to ``max_block_s``, and longer while the broker is down. Those sends go to
   one background thread (the slow path), so ``send`` returns at once and never stalls an asyncio event loop. While
