@@ -11,6 +11,11 @@ Per batch of events:
 4. publish a ``FeedbackRecord`` per claimed event and wait until each is durable;
 5. mark published events ``done`` for ``idempotency_ttl_s``; release the claims of failed ones so a retry works.
 
+Steps 2-5 each make one call (a cache script, an MGET, a ``send_batch``, a cache script) for the whole batch, and
+concurrent batches (messages of streams, unary calls) share those calls: while one runs, the next batches wait and
+go together in the next one (:class:`rlhf.serving.group_commit.GroupCommit`; ``cache_calls_in_flight`` and
+``publish_calls_in_flight`` of the config). See benchmarks/README.md for what each costs.
+
 The cache being down degrades deduplication to this replica (an in-process fallback) and leaves responses
 unchecked; it never fails an event. The bus being down fails the event (FAILED / UNAVAILABLE), nothing acked.
 """
