@@ -7,7 +7,8 @@ kafka-python producer sending the same serialized events to the same broker, in 
 
 The service runs in its own process (as in production: `rlhf feedback`, real Kafka and Redis); this process is
 the product streaming events over one SubmitStream, in messages of --per-message events. Also reported: CPU
-microseconds per event of the raw producer's process and of the service's process (all threads of each). Both sides count an event only once it is durable (acks=all):
+microseconds per event of the raw producer's process and of the service's process (all threads of each).
+With --unary N the product makes unary Submit calls instead, N in flight at once. Both sides count an event only once it is durable (acks=all):
 the service when its acknowledgement arrives, the raw producer when `flush()` returns. Runs alternate
 (raw, service, raw, service, ...); the medians and their ratio are printed and written as JSON.
 """
@@ -75,6 +76,32 @@ def run_raw(bootstrap: str, events: list[feedback_pb2.FeedbackEvent], topic: str
     return len(events) / elapsed
 
 
+def run_unary(address: str, events: list[feedback_pb2.FeedbackEvent], concurrency: int) -> float:
+    """Unary ``Submit`` calls, ``concurrency`` of them in flight at once (asyncio client, one channel)."""
+    import asyncio
+
+    async def go() -> tuple[int, float]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+            queue = iter(events)
+            accepted = 0
+
+            async def worker() -> None:
+                nonlocal accepted
+                for event in queue:
+                    reply = await stub.Submit(feedback_pb2.SubmitRequest(event=event), timeout=60)
+                    accepted += reply.status == feedback_pb2.SUBMIT_STATUS_ACCEPTED
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return accepted, time.perf_counter() - start
+
+    accepted, elapsed = asyncio.run(go())
+    if accepted != len(events):
+        raise SystemExit(f"only {accepted} of {len(events)} events were accepted")
+    return len(events) / elapsed
+
+
 def run_service(address: str, events: list[feedback_pb2.FeedbackEvent], per_message: int) -> float:
     requests = [feedback_pb2.SubmitStreamRequest(events=events[i:i + per_message])
                 for i in range(0, len(events), per_message)]
@@ -118,6 +145,8 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=20000, help="events per run")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each side (interleaved)")
     parser.add_argument("--per-message", type=int, default=250, help="events per SubmitStream message")
+    parser.add_argument("--unary", type=int, default=0, metavar="N",
+                        help="instead of a stream: unary Submit calls, N in flight at once")
     parser.add_argument("--kafka", default=os.environ.get("RLHF_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
     parser.add_argument("--redis", default=os.environ.get("RLHF_REDIS_URL", "redis://127.0.0.1:16379/0"))
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/bench/feedback_ingest.json"))
@@ -127,7 +156,12 @@ def main() -> int:
     proc = start_service(args.kafka, args.redis, port)
     raw_topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
     try:
-        run_service(f"127.0.0.1:{port}", make_events(2000, "warmup-" + uuid.uuid4().hex), args.per_message)  # warm the service
+        def submit(events: list[feedback_pb2.FeedbackEvent]) -> float:
+            if args.unary:
+                return run_unary(f"127.0.0.1:{port}", events, args.unary)
+            return run_service(f"127.0.0.1:{port}", events, args.per_message)
+
+        submit(make_events(2000, "warmup-" + uuid.uuid4().hex))  # warm the service
         raw, ours, raw_cpu, our_cpu = [], [], [], []
         for i in range(args.repeats):
             run_id = uuid.uuid4().hex
@@ -137,7 +171,7 @@ def main() -> int:
             raw_cpu.append((time.process_time() - cpu) / args.events * 1e6)
             service_events = make_events(args.events, run_id + "s")
             cpu = process_cpu_s(proc.pid)
-            ours.append(run_service(f"127.0.0.1:{port}", service_events, args.per_message))
+            ours.append(submit(service_events))
             our_cpu.append((process_cpu_s(proc.pid) - cpu) / args.events * 1e6)
             print(f"run {i + 1}/{args.repeats}: raw producer {raw[-1]:,.0f} ev/s ({raw_cpu[-1]:.0f} us CPU/event), "
                   f"service {ours[-1]:,.0f} ev/s ({our_cpu[-1]:.0f} us CPU/event)", flush=True)
@@ -146,7 +180,8 @@ def main() -> int:
         proc.wait(30)
     result = {
         "events_per_run": args.events,
-        "events_per_message": args.per_message,
+        "events_per_message": None if args.unary else args.per_message,
+        "unary_calls_in_flight": args.unary or None,
         "repeats": args.repeats,
         "raw_producer_events_per_s": statistics.median(raw),
         "service_events_per_s": statistics.median(ours),

@@ -63,13 +63,27 @@ def test_callers_arriving_during_a_call_share_the_next_one() -> None:
     asyncio.run(main())
 
 
+def test_callers_of_one_pass_of_the_event_loop_share_a_call() -> None:
+    """Several requests read off the network at once: no call is running, yet they go in one call."""
+    async def main() -> None:
+        run = Recorder()
+        run.gate.set()
+        gc = GroupCommit(run, limit=1)
+        assert await asyncio.gather(*(gc([n]) for n in range(5))) == [[0], [10], [20], [30], [40]]
+        assert run.calls == [[0, 1, 2, 3, 4]]
+
+    asyncio.run(main())
+
+
 def test_limit_runs_that_many_calls_at_once() -> None:
     async def main() -> None:
         run = Recorder()
         gc = GroupCommit(run, limit=2)
-        calls = [asyncio.ensure_future(gc([n])) for n in range(5)]
-        await asyncio.sleep(0.01)
-        assert run.calls == [[0], [1]]
+        calls = []
+        for n in range(5):  # one caller per pass of the loop
+            calls.append(asyncio.ensure_future(gc([n])))
+            await asyncio.sleep(0.001)
+        assert run.calls == [[0], [1]] and gc.running == 2
         run.gate.set()
         assert await asyncio.gather(*calls) == [[0], [10], [20], [30], [40]]
         assert run.calls == [[0], [1], [2, 3, 4]]

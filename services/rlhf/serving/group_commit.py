@@ -3,11 +3,13 @@
 A service that makes one cache round trip per request batch pays the client library's fixed cost per call (tens
 of microseconds of Python in redis-py) however few items the batch has. :class:`GroupCommit` runs at most ``limit``
 calls of the operation at once; items submitted meanwhile wait and go together in the next call. An idle service
-adds no wait (a call starts at once when fewer than ``limit`` run); a busy one makes calls as large as the load.
+adds no wait (a call starts at once when fewer than ``limit`` run, with every caller of the same pass of the event
+loop); a busy one makes calls as large as the load.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -31,7 +33,7 @@ class GroupCommit(Generic[T, R]):
         self._limit = limit
         self._max_items = max_items
         self._running = 0
-        self._waiting: list[tuple[list[T], asyncio.Future[list[R]]]] = []
+        self._waiting: collections.deque[tuple[list[T], asyncio.Future[list[R]]]] = collections.deque()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -49,23 +51,30 @@ class GroupCommit(Generic[T, R]):
         return await future
 
     def _start(self) -> None:
+        self._running += 1
+        task = asyncio.get_running_loop().create_task(self._call())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> list[tuple[list[T], asyncio.Future[list[R]]]]:
+        """The waiting callers of the next call: in order, up to ``max_items`` items (at least one caller)."""
         group: list[tuple[list[T], asyncio.Future[list[R]]]] = []
         size = 0
         while self._waiting and (not group or size + len(self._waiting[0][0]) <= self._max_items):
-            items, future = self._waiting.pop(0)
+            items, future = self._waiting.popleft()
             if future.cancelled():
                 continue
             group.append((items, future))
             size += len(items)
-        if not group:
-            return
-        self._running += 1
-        task = asyncio.get_running_loop().create_task(self._call(group))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return group
 
-    async def _call(self, group: list[tuple[list[T], asyncio.Future[list[R]]]]) -> None:
+    async def _call(self) -> None:
+        # The group is taken when the call's task first runs, not when it is scheduled: every caller that
+        # arrived in the same pass of the event loop (several requests read off the network at once) goes in.
+        group = self._take()
         try:
+            if not group:
+                return
             merged = [item for items, _ in group for item in items]
             try:
                 results = list(await self._run(merged))
