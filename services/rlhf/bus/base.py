@@ -77,6 +77,14 @@ def check_record(
     return out
 
 
+def check_poll(timeout_s: float, max_records: int) -> None:
+    """Raise ValueError for poll arguments no consumer takes."""
+    if timeout_s < 0:
+        raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
+    if type(max_records) is not int or max_records < 1:
+        raise ValueError(f"max_records must be a positive int, got {max_records!r}")
+
+
 def _outcome(fut: concurrent.futures.Future) -> RecordMetadata | BusError:
     exc = fut.exception()
     if exc is None:

@@ -36,8 +36,8 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from rlhf.bus import kafka_batch
 from rlhf.bus.base import (
-    BatchResults, Bus, BusError, BusUnavailable, Consumer, Message, RecordMetadata, TopicSpec, check_record,
-    check_topic_specs,
+    BatchResults, Bus, BusError, BusUnavailable, Consumer, Message, RecordMetadata, TopicSpec, check_poll,
+    check_record, check_topic_specs,
 )
 
 log = logging.getLogger(__name__)
@@ -419,10 +419,7 @@ class KafkaGroupConsumer(Consumer):
     def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Message]:
         if self._closed:
             raise BusError("poll on a closed consumer")
-        if timeout_s < 0:
-            raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
-        if type(max_records) is not int or max_records < 1:
-            raise ValueError(f"max_records must be a positive int, got {max_records!r}")
+        check_poll(timeout_s, max_records)
         try:
             batches = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except Exception as e:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 
 from rlhf.bus.base import (
-    Bus, BusError, Consumer, Message, RecordMetadata, TopicSpec, check_record, check_topic_specs,
+    Bus, BusError, Consumer, Message, RecordMetadata, TopicSpec, check_poll, check_record, check_topic_specs,
 )
 from rlhf.bus.partitioning import partition_for_key
 
@@ -222,10 +222,7 @@ class _InMemoryConsumer(Consumer):
     def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Message]:
         if self._closed:
             raise BusError("poll on a closed consumer")
-        if timeout_s < 0:
-            raise ValueError(f"timeout_s must be >= 0, got {timeout_s}")
-        if type(max_records) is not int or max_records < 1:
-            raise ValueError(f"max_records must be a positive int, got {max_records!r}")
+        check_poll(timeout_s, max_records)
         bus = self._bus
         deadline = time.monotonic() + timeout_s
         with bus._cond:
