@@ -14,15 +14,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import platform
-import re
-import shutil
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
@@ -40,29 +34,13 @@ from rlhf.serving.server import ServiceHost
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from support.hosting import HostThread
 from support.policy_load import generate_in_a_loop
+from support.triton import TRITON_MARKS, running_triton
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        sys.platform != "linux" or platform.machine() != "x86_64",
-        reason="the tritonserver binary of nvidia-pytriton is for x86_64 Linux",
-    ),
-]
+pytestmark = TRITON_MARKS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRITON_SCRIPT = REPO_ROOT / "deploy" / "local" / "triton.py"
-TEMPLATES = REPO_ROOT / "deploy" / "triton" / "model_repository"
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 PROMPTS = ["how do I cook rice", "tell me about my garden", "what should I pack for a trip", "my bike tire is flat",
            "how can I save money", "my puppy will not sleep"]
-
-
-def triton_cli(state: Path, *args: str, timeout: float) -> str:
-    proc = subprocess.run([sys.executable, str(TRITON_SCRIPT), "--state", str(state), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        pytest.fail(f"deploy/local/triton.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +57,8 @@ def artifacts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory, artifacts):
     """A running tritonserver with no model loaded: {"grpc": host:port, "templates": repository}."""
-    tmp = tmp_path_factory.mktemp("triton")
-    repository = tmp / "model_repository"
-    shutil.copytree(TEMPLATES, repository)
-    state = tmp / "state"
-    out = triton_cli(state, "up", "--model-repository", str(repository), "--model-root", str(artifacts),
-                     "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", timeout=900)
-    env = dict(re.findall(r"^export (\w+)=(\S+)$", out, re.M))
-    try:
-        yield {"grpc": env["RLHF_TRITON_GRPC"], "templates": repository}
-    finally:
-        triton_cli(state, "down", timeout=60)
+    with running_triton(tmp_path_factory.mktemp("triton"), artifacts) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import platform
 import re
-import shutil
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -27,18 +23,10 @@ from rlhf.core.generation import SamplingParams, decode_responses, encode_prompt
 from rlhf.core.models import ModelSize, build_causal_lm, load_causal_lm
 from rlhf.core.tokenizer import TokenizerConfig, train_tokenizer
 from rlhf.policy.triton_client import GenerationRequest, TritonClientError, TritonPolicyClient, version_model_name
+from support.triton import TRITON_MARKS, running_triton
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        sys.platform != "linux" or platform.machine() != "x86_64",
-        reason="the tritonserver binary of nvidia-pytriton is for x86_64 Linux",
-    ),
-]
+pytestmark = TRITON_MARKS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRITON_SCRIPT = REPO_ROOT / "deploy" / "local" / "triton.py"
-TEMPLATES = REPO_ROOT / "deploy" / "triton" / "model_repository"
 V1, V2 = version_model_name("v1"), version_model_name("v2")
 STREAM_V1 = version_model_name("v1", streaming=True)
 # One torch thread per model instance: three stub processes share the machine's cores with the test itself.
@@ -63,16 +51,6 @@ def build_versions(root: Path) -> None:
         tokenizer.save_pretrained(root / name)
 
 
-def triton_cli(state: Path, *args: str, timeout: float) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(TRITON_SCRIPT), "--state", str(state), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"deploy/local/triton.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
     """The running server: {"grpc": host:port, "metrics": url, "models": model root}, with v1 loaded (unary and
@@ -80,29 +58,16 @@ def triton(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton")
     models = tmp / "models"
     build_versions(models)
-    repository = tmp / "model_repository"
-    shutil.copytree(TEMPLATES, repository, symlinks=True)
-    state = tmp / "state"
-    out = triton_cli(
-        state, "up", "--model-repository", str(repository), "--model-root", str(models),
-        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
-        timeout=900,  # the first run installs the server
-    )
-    env = dict(re.findall(r"^export (\w+)=(\S+)$", out, re.M))
-    server = {"grpc": env["RLHF_TRITON_GRPC"], "metrics": env["RLHF_TRITON_METRICS_URL"], "models": models}
-    try:
+    with running_triton(tmp, models) as server:
         async def load() -> None:
-            async with TritonPolicyClient(server["grpc"], template_repository=repository) as client:
+            async with TritonPolicyClient(server["grpc"], template_repository=server["templates"]) as client:
                 await asyncio.gather(
                     client.load_version(V1, "v1", parameters=MODEL_PARAMETERS),
                     client.load_version(STREAM_V1, "v1", streaming=True, parameters=MODEL_PARAMETERS),
                 )
 
         asyncio.run(load())
-        server["templates"] = repository
-        yield server
-    finally:
-        triton_cli(state, "down", timeout=60)
+        yield {**server, "models": models}
 
 
 def client_for(server) -> TritonPolicyClient:
