@@ -111,17 +111,23 @@ def fire_together(stub, requests: Sequence[policy_pb2.GenerateRequest],
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+    elapsed = _run_released_together(call, len(requests), barrier)
+    if errors:
+        raise errors[0]
+    return elapsed, replies
+
+
+def _run_released_together(target, n: int, barrier: threading.Barrier) -> float:
+    """Start ``target(0..n-1)`` on threads that wait on ``barrier`` (n + 1 parties); release them together and
+    return the seconds until the last one finished."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     barrier.wait()
     start = time.perf_counter()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    return elapsed, replies
+    return time.perf_counter() - start
 
 
 def closed_loop(address: str, clients: int, requests_per_client: int, make_request) -> dict:
@@ -149,14 +155,7 @@ def closed_loop(address: str, clients: int, requests_per_client: int, make_reque
                     latencies.append(time.perf_counter() - started)
                     tokens += sum(s.completion_tokens for s in reply.samples)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+    seconds = _run_released_together(client, clients, barrier)
     if errors:
         raise errors[0]
     latencies.sort()
