@@ -58,6 +58,33 @@ def test_keys_are_prefixed_and_ttls_are_set_on_the_server(redis_url: str, prefix
     assert server.get("a") is None
 
 
+def test_commands_packed_by_hiredis_reach_the_server_byte_for_byte(
+    redis_url: str, prefix: str, server: redis.Redis
+) -> None:
+    """RedisCache packs commands with hiredis (rlhf.cache.redis._HiredisPacking): str, int, bytes, bytearray and
+    memoryview arguments arrive as redis-py's own packer would send them, and a type Redis cannot take is refused
+    with redis-py's DataError, not sent."""
+    binary = bytes(range(256))
+
+    async def main() -> None:
+        cache = RedisCache(RedisConfig(url=redis_url, key_prefix=prefix))
+        try:
+            assert cache._r.connection_pool.connection_class.__name__.startswith("HiredisPacking")
+            await cache.set("plain", binary, ttl_s=30)
+            await cache.set_many({"ba": bytearray(b"\x00ba"), "mv": memoryview(b"\xffmv"), "é-key": b"u"}, ttl_s=30)
+            assert await cache.set_many_if_absent({"ba": b"x", "new": b"y"}, ttl_s=30) == [False, True]
+            with pytest.raises(redis.DataError):
+                await cache._r.set(prefix + "bool", True)
+        finally:
+            await cache.close()
+
+    asyncio.run(main())
+    assert server.get(prefix + "plain") == binary
+    assert [server.get(prefix + k) for k in ("ba", "mv", "é-key", "new")] == [b"\x00ba", b"\xffmv", b"u", b"y"]
+    assert 0 < server.pttl(prefix + "mv") <= 30_000
+    assert server.get(prefix + "bool") is None
+
+
 def test_cache_from_url_takes_our_fields_and_leaves_redis_ones(redis_url: str, prefix: str,
                                                                server: redis.Redis) -> None:
     url = f"{redis_url}?key_prefix={prefix}&socket_timeout_s=0.5&health_check_interval=30"
