@@ -1,5 +1,5 @@
-"""Shared pieces of the policy benchmarks: a model built here, the service in its own process (`rlhf policy`, as in
-production), clients that fire concurrent Generate calls, and the report file.
+"""Shared pieces of the policy and reward benchmarks: a model built here, the service in its own process (`rlhf policy`,
+`rlhf reward`, as in production), clients that fire concurrent Generate calls, and the report file.
 
 Nothing is downloaded: the model is a random-init causal LM of a named size (rlhf.core.models.SIZES) with a word-level
 tokenizer trained on the built-in task's texts. Random weights decode at the same speed as trained ones.
@@ -56,12 +56,22 @@ def build_model(root: Path, size: str, arch: str = "llama") -> Path:
 def policy_process(model_path: Path, *, threads: int, extra: Sequence[str] = (), env: dict | None = None,
                    ready_timeout_s: float = 300) -> Iterator[str]:
     """`rlhf policy` serving ``model_path`` over the in-process bus and cache; yields its address once SERVING."""
+    with service_process("policy", model_path, threads=threads, extra=extra, env=env,
+                         ready_timeout_s=ready_timeout_s) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def service_process(command: str, model_path: Path, *, threads: int, extra: Sequence[str] = (),
+                    env: dict | None = None, ready_timeout_s: float = 300) -> Iterator[str]:
+    """`rlhf <command>` (policy, reward) serving ``model_path`` in its own process, over the in-process bus and
+    cache unless ``extra`` says otherwise; yields its address once SERVING."""
     port = free_port()
-    cmd = [sys.executable, "-m", "rlhf", "policy", "--port", str(port), "--metrics-port", "-1",
+    cmd = [sys.executable, "-m", "rlhf", command, "--port", str(port), "--metrics-port", "-1",
            "--model-path", str(model_path), "--bus-url", "memory://", "--cache-url", "memory://",
            "--torch-num-threads", str(threads), "--follow-model-events", "false", "--health-interval-s", "0.2",
            *extra]
-    log = open(model_path.parent / f"service-{port}.log", "w")  # noqa: SIM115 - closed below
+    log = open(model_path.parent / f"{command}-{port}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                             cwd=model_path.parent)
     address = f"127.0.0.1:{port}"
@@ -71,7 +81,7 @@ def policy_process(model_path: Path, *, threads: int, extra: Sequence[str] = (),
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"rlhf policy exited with {proc.returncode}; see {log.name}")
+                    raise RuntimeError(f"rlhf {command} exited with {proc.returncode}; see {log.name}")
                 try:
                     status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
@@ -79,7 +89,7 @@ def policy_process(model_path: Path, *, threads: int, extra: Sequence[str] = (),
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"rlhf policy not SERVING after {ready_timeout_s}s; see {log.name}")
+                    raise RuntimeError(f"rlhf {command} not SERVING after {ready_timeout_s}s; see {log.name}")
                 time.sleep(0.2)
         yield address
     finally:

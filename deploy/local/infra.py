@@ -728,6 +728,9 @@ def cmd_env(s: Settings) -> int:
     log(f"export RLHF_REDIS_URL={s.redis_url}")
     log(f"export RLHF_PROMETHEUS_URL={s.prometheus_url}")
     log(f"export RLHF_PROMETHEUS_TARGETS_DIR={s.prometheus_targets_dir}")
+    # What every service reads (ServiceConfig.bus_url / cache_url), so `rlhf feedback` etc. connect with no flag.
+    log(f"export RLHF_BUS_URL=kafka://{s.kafka_bootstrap}")
+    log(f"export RLHF_CACHE_URL={s.redis_url}")
     return 0
 
 

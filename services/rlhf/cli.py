@@ -3,6 +3,8 @@
     rlhf up          every service embedded in one process (in-process bus and cache, torch backend)
     rlhf demo        the three RLHF stages on the built-in task, from nothing, on the CPU
     rlhf feedback    the feedback service alone (distributed mode: Kafka and Redis)
+    rlhf policy      the policy inference service alone
+    rlhf reward      the reward scoring service alone
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rlhf.core.demo", "run SFT, reward model and PPO on the built-in task and report the result"),
     "feedback": ("rlhf.feedback.main", "run the feedback service"),
     "policy": ("rlhf.policy.main", "run the policy inference service"),
+    "reward": ("rlhf.reward.main", "run the reward scoring service"),
 }
 
 

@@ -33,6 +33,11 @@ class EmbeddedConfig(ServerConfig):
         "Policy checkpoint to serve (a save_pretrained folder). Empty: the policy `rlhf demo` trained "
         "(out/demo/policy) when it exists, else a tiny random-init policy built under artifact_root.",
     )
+    reward_model_path: str = field(
+        "",
+        "Reward model to serve (a save_pretrained folder). Empty: the last one `rlhf demo` trained (out/demo/reward-N) "
+        "when there is one, else a tiny random-init reward model built under artifact_root.",
+    )
     artifact_root: str = field("out/artifacts", "Where model versions live (a local folder in embedded mode).")
 
     @property
@@ -40,14 +45,24 @@ class EmbeddedConfig(ServerConfig):
         """Where `rlhf demo` (default --out) leaves its PPO policy."""
         return os.path.join("out", "demo", "policy")
 
+    @property
+    def demo_reward_model(self) -> str | None:
+        """The last reward model `rlhf demo` (default --out) trained (reward-1, reward-2, ...), if any."""
+        demo = os.path.join("out", "demo")
+        rounds = sorted((int(n.split("-", 1)[1]), n) for n in (os.listdir(demo) if os.path.isdir(demo) else ())
+                        if n.startswith("reward-") and n.split("-", 1)[1].isdigit())
+        return os.path.join(demo, rounds[-1][1]) if rounds else None
+
 
 def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryBus, InMemoryCache]:
     """The services of the platform over one in-process bus and cache."""
     from rlhf.feedback.config import FeedbackConfig
     from rlhf.feedback.servicer import FeedbackComponent
-    from rlhf.policy.bootstrap import ensure_initial_policy
+    from rlhf.bootstrap import ensure_initial_policy, ensure_initial_reward_model
     from rlhf.policy.config import PolicyConfig
     from rlhf.policy.servicer import PolicyComponent
+    from rlhf.reward.config import RewardConfig
+    from rlhf.reward.servicer import RewardComponent
 
     bus, cache = InMemoryBus(), InMemoryCache()
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(ServerConfig)}
@@ -69,7 +84,16 @@ def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryB
         model_path = ensure_initial_policy(config.artifact_root)
     policy_config = dataclasses.replace(policy_config, model_path=os.path.abspath(model_path))
     policy = PolicyComponent(policy_config, bus=bus, cache=cache)
-    return [feedback, policy], bus, cache
+    # The reward model likewise: RLHF_REWARD_* settings, the demo's last reward model, else a tiny random-init one.
+    reward_config = config_mod.load(
+        RewardConfig, **shared, bus_url="memory://", cache_url="memory://", create_topics=True,
+        artifact_root=config.artifact_root,
+    )
+    reward_path = (config.reward_model_path or reward_config.model_path or config.demo_reward_model
+                   or ensure_initial_reward_model(config.artifact_root))
+    reward_config = dataclasses.replace(reward_config, model_path=os.path.abspath(reward_path))
+    reward = RewardComponent(reward_config, bus=bus, cache=cache)
+    return [feedback, policy, reward], bus, cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

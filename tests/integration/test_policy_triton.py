@@ -33,7 +33,7 @@ from rlhf.policy.triton_client import TritonPolicyClient
 from rlhf.serving.server import ServiceHost
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from support.hosting import HostThread
-from support.policy_load import generate_in_a_loop
+from support.load import generate_in_a_loop
 from support.triton import TRITON_MARKS, running_triton
 
 pytestmark = TRITON_MARKS

@@ -3,6 +3,7 @@ tokens core.generate gives each alone; slots, queue, cancellation, deadlines, ma
 from __future__ import annotations
 
 import asyncio
+import inspect
 import contextlib
 import threading
 import time
@@ -222,27 +223,37 @@ def test_full_queue_refuses_rows(model):
 
 
 class Flaky(torch.nn.Module):
-    """Wraps a model; its forward fails once when ``fail`` is set."""
+    """Wraps a model; its forward fails once when ``fail`` is set. Build it with :func:`flaky`."""
 
     def __init__(self, model) -> None:
         super().__init__()
         self.inner = model
         self.fail = threading.Event()
 
-    def forward(self, *args, cache=None, **kwargs):
+    def forward(self, *args, **kwargs):
         if self.fail.is_set():
             self.fail.clear()
             raise RuntimeError("simulated device error")
-        return self.inner(*args, cache=cache, **kwargs) if cache is not None else self.inner(*args, **kwargs)
+        return self.inner(*args, **kwargs)
+
+
+def flaky(model) -> Flaky:
+    """A Flaky whose forward has the wrapped model's signature: forward_spec reads it (per class) to name the cache
+    argument, which transformers renamed (past_key_values -> cache in 5.24)."""
+    def forward(self, *args, **kwargs):
+        return Flaky.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(type(model).forward)
+    return type(f"Flaky{type(model).__name__}", (Flaky,), {"forward": forward})(model)
 
 
 def test_a_failed_forward_fails_its_rows_and_the_engine_goes_on(model):
-    flaky = Flaky(model)
+    flaky_model = flaky(model)
 
     async def main():
         loop = asyncio.get_running_loop()
-        async with running(flaky, max_batch_size=4) as engine:
-            flaky.fail.set()
+        async with running(flaky_model, max_batch_size=4) as engine:
+            flaky_model.fail.set()
             row, c = make_row(loop, "hello", SamplingParams(max_new_tokens=3, temperature=0), 1)
             engine.submit([row])
             failed = await c.done

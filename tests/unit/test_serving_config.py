@@ -61,3 +61,43 @@ def test_derived_values_are_computed_not_stored():
 
 def test_secrets_are_masked_in_descriptions():
     assert cfg.describe(FeedbackConfig(auth_token="t0ken"))["auth_token"] == "***"
+
+
+# One vocabulary of addresses: what `deploy/local/infra.py env` prints is what every service reads, and the defaults
+# are infra.py's loopback addresses, so `infra.py up` then `rlhf feedback` (or `rlhf reward`) connects with no flag.
+SERVICE_CONFIGS = ["rlhf.feedback.config:FeedbackConfig", "rlhf.policy.config:PolicyConfig",
+                   "rlhf.reward.config:RewardConfig"]
+
+
+def _config_class(spec: str):
+    import importlib
+
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _infra_env(*extra: str) -> dict[str, str]:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    infra = Path(__file__).resolve().parents[2] / "deploy" / "local" / "infra.py"
+    out = subprocess.run([sys.executable, str(infra), *extra, "env"], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin"}).stdout
+    return dict(re.findall(r"^export (\w+)=(.*)$", out, re.MULTILINE))
+
+
+@pytest.mark.parametrize("spec", SERVICE_CONFIGS)
+def test_services_read_the_addresses_infra_prints(spec):
+    config_cls = _config_class(spec)
+    default_env = _infra_env()
+    # the defaults are infra.py's default loopback addresses
+    defaults = cfg.load(config_cls, env={})
+    assert defaults.bus_url == f"kafka://{default_env['RLHF_KAFKA_BOOTSTRAP']}" == default_env["RLHF_BUS_URL"]
+    assert defaults.cache_url == default_env["RLHF_REDIS_URL"] == default_env["RLHF_CACHE_URL"]
+    # and an infra on other ports reaches every service through its printed environment alone
+    moved = {k: v for k, v in _infra_env("--kafka-port", "29092", "--redis-port", "26379").items()}
+    config = cfg.load(config_cls, env=moved)
+    assert config.bus_url == "kafka://127.0.0.1:29092"
+    assert config.cache_url == "redis://127.0.0.1:26379/0"

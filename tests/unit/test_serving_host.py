@@ -24,7 +24,7 @@ from rlhf.cache.memory import InMemoryCache
 from rlhf.feedback.config import FeedbackConfig
 from rlhf.feedback.servicer import FeedbackComponent
 from rlhf.serving.server import ServiceHost
-from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
+from rlhf.v1 import feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc
 from support.feedback_cases import thumbs_up
 from support.hosting import HostThread
 
@@ -212,8 +212,24 @@ def test_rlhf_up_serves_and_stops_on_sigterm(tmp_path):
             reply = feedback_pb2_grpc.FeedbackServiceStub(channel).Submit(
                 feedback_pb2.SubmitRequest(event=thumbs_up(time.time())), timeout=10)
             assert reply.status == feedback_pb2.SUBMIT_STATUS_ACCEPTED
+            # the reward service is embedded too, on a tiny random-init reward model built on first start
+            reward = reward_pb2_grpc.RewardServiceStub(channel)
+            scored = reward.Score(reward_pb2.ScoreRequest(items=[
+                reward_pb2.ScoreItem(prompt="how do I cook rice", response="simmer it ."),
+                reward_pb2.ScoreItem(prompt="plan a picnic", response="bring food and a blanket to the park ."),
+            ]), timeout=30)
+            assert scored.reward_model_version == "reward-init" and len(scored.scores) == 2
+            assert scored.scores[0] != scored.scores[1]
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="rlhf.v1.RewardService"), timeout=5)
+            assert health.status == SERVING
+        assert (tmp_path / "artifacts" / "reward-init" / "manifest.json").exists()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+    except BaseException:
+        proc.kill()
+        sys.stderr.write(proc.stdout.read())  # what the service said, for the failure report
+        raise
     finally:
         if proc.poll() is None:
             proc.kill()

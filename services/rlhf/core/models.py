@@ -23,6 +23,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,6 +44,12 @@ from transformers import (
 from rlhf.core.tokenizer import encode_prompt_response, ensure_pad_token, load_tokenizer
 
 MANIFEST_FILE = "manifest.json"
+
+LOAD_LOCK = threading.Lock()
+"""Held around every ``from_pretrained`` of a model in this module. transformers 5.24 builds a model on the meta device
+under a process-wide torch device context, so two threads loading at once (the policy and reward services embedded in
+one process, each loading in a worker thread) can get parameters left on the meta device ("Cannot copy out of meta
+tensor"; seen 5 times in 6 concurrent loads). Loads take well under a second at our sizes; serialising them is cheap."""
 MANIFEST_VERSION = 1
 ArtifactKind = Literal["tokenizer", "base", "sft", "policy", "reward"]
 
@@ -168,7 +175,8 @@ def load_causal_lm(
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -184,6 +192,20 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Reward model
+
+
+@dataclass(frozen=True)
+class RewardInput:
+    """One (prompt, response) pair as reward-model input, before padding."""
+
+    features: dict[str, list[int]]
+    """``input_ids`` (and, for an encoder, ``token_type_ids`` / ``attention_mask``) of the pair."""
+    prompt_tokens: int
+    """Tokens of the formatted prompt alone (for messages that say which part is too long)."""
+
+    @property
+    def length(self) -> int:
+        return len(self.features["input_ids"])
 
 
 class RewardModel(torch.nn.Module):
@@ -214,29 +236,40 @@ class RewardModel(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Padded model inputs for (formatted prompt, response) pairs."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    def tokenize(self, prompt: str, response: str, truncate: bool = True) -> RewardInput:
+        """The model input of one (formatted prompt, response) pair, unpadded. ``truncate=False`` keeps every token
+        (the reward service refuses what is longer than ``max_length`` instead of cutting it)."""
         if self.pair_input:
-            enc = self.tokenizer(
-                list(prompts), list(responses), padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
-            )
-            return {k: v.to(self.device) for k, v in enc.items()}
-        rows = []
-        for prompt, response in zip(prompts, responses, strict=True):
-            prompt_ids, response_ids = encode_prompt_response(self.tokenizer, prompt, response)
+            enc = self.tokenizer(prompt, response, truncation=truncate, max_length=self.max_length if truncate else None)
+            prompt_tokens = len(self.tokenizer(prompt)["input_ids"])
+            return RewardInput({k: list(v) for k, v in enc.items()}, prompt_tokens)
+        prompt_ids, response_ids = encode_prompt_response(self.tokenizer, prompt, response)
+        ids = prompt_ids + response_ids
+        if truncate:
             # Keep the end of the sequence (the response and its eos) when too long: that is what is being judged.
-            rows.append((prompt_ids + response_ids)[-self.max_length:])
-        width = max(len(r) for r in rows)
+            ids = ids[-self.max_length:]
+        return RewardInput({"input_ids": ids}, len(prompt_ids))
+
+    def collate(self, rows: Sequence[RewardInput]) -> dict[str, torch.Tensor]:
+        """Right-padded (B, T) tensors of ``rows`` on the model's device."""
+        if self.pair_input:
+            enc = self.tokenizer.pad([r.features for r in rows], padding=True, return_tensors="pt")
+            return {k: v.to(self.device) for k, v in enc.items()}
+        width = max(r.length for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
+            ids = row.features["input_ids"]
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
         return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Padded model inputs for (formatted prompt, response) pairs."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return self.collate([self.tokenize(p, r) for p, r in zip(prompts, responses, strict=True)])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """(B,) rewards, with gradients (for training)."""
@@ -292,7 +325,8 @@ def build_reward_model(
     if isinstance(backbone, str):
         config = AutoConfig.from_pretrained(backbone)
         is_encoder = not getattr(config, "is_decoder", False) and config.model_type in _ENCODER_TYPES
-        model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
+        with LOAD_LOCK:
+            model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
         tok = tokenizer or AutoTokenizer.from_pretrained(backbone)
         ensure_pad_token(tok)
         if model.config.pad_token_id is None:
@@ -317,11 +351,18 @@ _ENCODER_TYPES = frozenset(
 )
 
 
-def load_reward_model(path: str, max_length: int = 256) -> RewardModel:
-    """A reward model saved by `RewardModel.save_pretrained` / `save_artifact`."""
+def load_reward_model(path: str, max_length: int = 256, dtype: torch.dtype | None = None) -> RewardModel:
+    """A reward model saved by `RewardModel.save_pretrained` / `save_artifact`, or any Hugging Face
+    sequence-classification checkpoint in a local folder with one label (ValueError otherwise)."""
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    if getattr(config, "num_labels", 1) != 1:
+        raise ValueError(f"{path} has num_labels={config.num_labels}; a reward model has one output (one label)")
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    with LOAD_LOCK:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     tokenizer = load_tokenizer(path)
+    if model.config.pad_token_id is None:  # the stock head pools the last non-pad token: it needs a pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModel(model, tokenizer, pair_input=config.model_type in _ENCODER_TYPES, max_length=max_length)
 
 

@@ -135,6 +135,15 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     return prompt
 
 
+def format_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """The text a policy continues for a conversation (``[{"role", "content"}, ...]``): the chat template with the
+    generation prompt, or, for a tokenizer without one, a ``role: content`` line per message and ``assistant:``.
+    A template may refuse a conversation (roles that do not alternate): its exception propagates."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
 def encode_prompt_response(
     tokenizer: PreTrainedTokenizerBase, prompt_text: str, response: str, add_eos: bool = True
 ) -> tuple[list[int], list[int]]:

@@ -4,25 +4,15 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from rlhf.serving.config import ServerConfig, _check, field
+from rlhf.serving.config import ServiceConfig, _check, field
 
 
 @dataclasses.dataclass(frozen=True)
-class FeedbackConfig(ServerConfig):
+class FeedbackConfig(ServiceConfig):
     env_prefix: typing.ClassVar[str] = "RLHF_FEEDBACK_"
 
     port: int = field(50053, "gRPC port of the feedback service; 0 picks a free one.")
     metrics_port: int = field(9103, "Port of /metrics; 0 picks a free one; -1 disables it.")
-    bus_url: str = field(
-        "kafka://127.0.0.1:9092",
-        "Where validated events go: kafka://host:port[,host:port] (distributed) or memory:// (embedded).",
-    )
-    cache_url: str = field(
-        "redis://127.0.0.1:6379/0",
-        "Idempotency keys and served-response records: redis://host:port/db or memory:// (embedded).",
-    )
-    create_topics: bool = field(True, "Create the platform's topics at start when they do not exist.")
-    topic_partitions: int = field(3, "Partitions of topics created at start (consumers in one group scale to this).")
     max_text_bytes: int = field(32 * 1024, "Largest text of a demonstration or edit, in UTF-8 bytes.")
     max_ranking_size: int = field(16, "Most responses one ranking may order.")
     max_future_skew_s: float = field(
@@ -48,7 +38,6 @@ class FeedbackConfig(ServerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.topic_partitions >= 1, "topic_partitions", "must be >= 1")
         _check(self.max_text_bytes >= 1, "max_text_bytes", "must be >= 1")
         _check(2 <= self.max_ranking_size <= 1000, "max_ranking_size", "must be in [2, 1000]")
         _check(self.max_future_skew_s >= 0, "max_future_skew_s", "must be >= 0")

@@ -9,14 +9,12 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import grpc.aio
 
-from rlhf.bus import bus_from_url, topics
 from rlhf.bus.base import Bus
-from rlhf.cache import cache_from_url
 from rlhf.cache.base import Cache, CacheError
 from rlhf.feedback.config import FeedbackConfig
 from rlhf.feedback.ingest import FeedbackIngestor, Outcome
 from rlhf.serving.errors import InvalidArgument
-from rlhf.serving.server import Component
+from rlhf.serving.component import ServiceComponent
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -116,31 +114,21 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                     await reader
 
 
-class FeedbackComponent(Component):
+class FeedbackComponent(ServiceComponent):
     """The feedback service with the bus and cache it owns."""
 
     service_name = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
 
     def __init__(self, config: FeedbackConfig, bus: Bus | None = None, cache: Cache | None = None) -> None:
-        self.config = config
-        self._owns_bus = bus is None
-        self._owns_cache = cache is None
-        self.bus = bus if bus is not None else bus_from_url(config.bus_url)
-        self.cache = cache if cache is not None else cache_from_url(config.cache_url)
+        super().__init__(config, bus=bus, cache=cache)
+        self.config: FeedbackConfig = config
         self.ingestor = FeedbackIngestor(self.bus, self.cache, config)
 
     def register(self, server: grpc.aio.Server) -> None:
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(self.ingestor, self.config), server)
 
     async def start(self) -> None:
-        if self.config.create_topics:
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(
-                    None, self.bus.ensure_topics, topics.platform_topics(partitions=self.config.topic_partitions)
-                )
-            except Exception as exc:  # noqa: BLE001 - the bus may come up later; health says NOT_SERVING
-                log.warning("could not ensure topics now (%s); will serve once the bus answers", exc)
+        await self.ensure_topics()
 
     async def check(self) -> None:
         # The bus is needed for every acknowledgement; the cache is not (the service degrades without it).
@@ -151,7 +139,4 @@ class FeedbackComponent(Component):
             log.warning("cache unavailable (%s): deduplication is per replica until it is back", exc)
 
     async def stop(self) -> None:
-        if self._owns_bus:
-            await asyncio.get_running_loop().run_in_executor(None, self.bus.close, self.config.shutdown_grace_s)
-        if self._owns_cache:
-            await self.cache.close()
+        await self.close_dependencies()

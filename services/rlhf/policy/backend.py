@@ -12,21 +12,13 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import grpc
-
 from rlhf.core.generation import SamplingParams
 from rlhf.policy.engine import CANCELLED, DEADLINE, ERROR, LENGTH, STOP  # why a row ended
-from rlhf.serving.errors import ServiceError
+from rlhf.serving.errors import ResourceExhausted
 from rlhf.v1 import common_pb2
 
 __all__ = ["STOP", "LENGTH", "CANCELLED", "DEADLINE", "ERROR", "ResourceExhausted", "RowSpec", "BackendEvent",
            "Generation", "LoadedModel", "PolicyBackend"]
-
-
-class ResourceExhausted(ServiceError):
-    """The version's queue is full; retry later or elsewhere."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from rlhf.serving.config import ServerConfig, _check, field
+from rlhf.serving.config import ServiceConfig, _check, field
 
 BACKENDS = ("torch", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
-class PolicyConfig(ServerConfig):
+class PolicyConfig(ServiceConfig):
     env_prefix: typing.ClassVar[str] = "RLHF_POLICY_"
 
     port: int = field(50052, "gRPC port of the policy service; 0 picks a free one.")
@@ -85,19 +85,7 @@ class PolicyConfig(ServerConfig):
     max_stop_bytes: int = field(64, "Longest stop sequence, in UTF-8 bytes.")
     max_id_bytes: int = field(256, "Longest prompt_id, routing_key, product or version string, in UTF-8 bytes.")
 
-    # -- served-response records
-    bus_url: str = field(
-        "kafka://127.0.0.1:9092",
-        "Where served responses go (rlhf.responses.v1) and model events come from (rlhf.models.v1): "
-        "kafka://host:port[,host:port] or memory:// (embedded).",
-    )
-    cache_url: str = field(
-        "redis://127.0.0.1:6379/0",
-        "Where served-response records go (keys.served_response, read by the feedback service): redis://host:port/db "
-        "or memory:// (embedded).",
-    )
-    create_topics: bool = field(True, "Create the platform's topics at start when they do not exist.")
-    topic_partitions: int = field(3, "Partitions of topics created at start.")
+    # -- served-response records (to bus_url and cache_url of ServiceConfig)
     record_ttl_s: float = field(
         7 * 24 * 3600.0, "Lifetime of a served-response record in the cache: feedback later than this is not joined."
     )
@@ -157,7 +145,6 @@ class PolicyConfig(ServerConfig):
         _check(self.max_stop_sequences >= 0, "max_stop_sequences", "must be >= 0")
         _check(self.max_stop_bytes >= 1, "max_stop_bytes", "must be >= 1")
         _check(self.max_id_bytes >= 1, "max_id_bytes", "must be >= 1")
-        _check(self.topic_partitions >= 1, "topic_partitions", "must be >= 1")
         _check(self.record_ttl_s > 0, "record_ttl_s", "must be > 0")
         _check(self.record_queue_size >= 1, "record_queue_size", "must be >= 1")
         _check(self.record_batch_size >= 1, "record_batch_size", "must be >= 1")

@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+# Needs transformers >= 4.56: DynamicLayer (cache.layers[i].keys/.values) comes from the 2025 cache refactor (4.54),
+# and only from 4.56 do all our models (GPT-2 too) return such a DynamicCache rather than a legacy tuple.
 from transformers.cache_utils import DynamicLayer
 
 # The sampler, the per-row uniforms and the forward-call plumbing are rlhf.core.generation's own, so that a row

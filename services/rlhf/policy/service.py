@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from rlhf.core.generation import SamplingParams
-from rlhf.core.tokenizer import format_prompt
+from rlhf.core.tokenizer import format_chat, format_prompt
 from rlhf.policy import metrics
 from rlhf.policy.backend import CANCELLED, DEADLINE, ERROR, LENGTH, STOP, BackendEvent, Generation, RowSpec
 from rlhf.policy.config import PolicyConfig
@@ -230,12 +230,10 @@ def render_prompt(tokenizer: Any, request: ValidRequest) -> str:
     if request.prompt is not None:
         return format_prompt(tokenizer, request.prompt)
     messages = [{"role": role, "content": content} for role, content in request.messages]
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # a template may reject a conversation (e.g. roles that do not alternate)
-            raise InvalidArgument("messages", f"the model's chat template rejects this conversation: {e}") from None
-    return "".join(f"{role}: {content}\n" for role, content in request.messages) + "assistant:"
+    try:
+        return format_chat(tokenizer, messages)
+    except Exception as e:  # a template may reject a conversation (e.g. roles that do not alternate)
+        raise InvalidArgument("messages", f"the model's chat template rejects this conversation: {e}") from None
 
 
 class _Bounded:

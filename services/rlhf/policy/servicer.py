@@ -5,24 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
 
-from rlhf.bus import bus_from_url, topics
 from rlhf.bus.base import Bus
-from rlhf.cache import cache_from_url
 from rlhf.cache.base import Cache
+from rlhf.policy import metrics
 from rlhf.policy.backend import PolicyBackend
 from rlhf.policy.config import PolicyConfig
-from rlhf.policy.events import ModelEventFollower, group_id
 from rlhf.policy.manager import PolicyManager
 from rlhf.policy.recording import ResponseRecorder
 from rlhf.policy.service import PolicyService
 from rlhf.serving.errors import InvalidArgument
-from rlhf.serving.server import Component
+from rlhf.serving.component import ServiceComponent
+from rlhf.serving.model_events import ModelEventFollower, group_id, version_of_folder
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -82,34 +80,19 @@ def make_backend(config: PolicyConfig) -> PolicyBackend:
 
 def initial_version(config: PolicyConfig, path: str) -> common_pb2.ModelVersion:
     """The ModelVersion of ``model_path``: its id from the config, the manifest, or the folder name."""
-    version = config.initial_version
-    parent = ""
-    if not version:
-        from rlhf.core.models import read_manifest
-
-        try:
-            manifest = read_manifest(path)
-            version, parent = manifest.version, manifest.parent or ""
-        except (FileNotFoundError, ValueError):
-            version = os.path.basename(os.path.normpath(path))
-    return common_pb2.ModelVersion(
-        name=config.model_name, version=version, kind=common_pb2.MODEL_KIND_POLICY, parent_version=parent,
-        uri=config.model_path,
-    )
+    return version_of_folder(path, name=config.model_name, kind=common_pb2.MODEL_KIND_POLICY,
+                             version=config.initial_version, uri=config.model_path)
 
 
-class PolicyComponent(Component):
+class PolicyComponent(ServiceComponent):
     """The policy service with its backend, bus, cache and model-event follower."""
 
     service_name = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
     def __init__(self, config: PolicyConfig, *, bus: Bus | None = None, cache: Cache | None = None,
                  backend: PolicyBackend | None = None) -> None:
-        self.config = config
-        self._owns_bus = bus is None
-        self._owns_cache = cache is None
-        self.bus = bus if bus is not None else bus_from_url(config.bus_url)
-        self.cache = cache if cache is not None else cache_from_url(config.cache_url)
+        super().__init__(config, bus=bus, cache=cache)
+        self.config: PolicyConfig = config
         self.backend = backend if backend is not None else make_backend(config)
         self.manager = PolicyManager(
             self.backend, artifact_root=config.artifact_root, model_name=config.model_name,
@@ -127,14 +110,7 @@ class PolicyComponent(Component):
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(self.service, self.manager), server)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self.config.create_topics:
-            try:
-                await loop.run_in_executor(
-                    None, self.bus.ensure_topics, topics.platform_topics(partitions=self.config.topic_partitions)
-                )
-            except Exception as e:  # noqa: BLE001 - recording degrades; serving does not need the bus
-                log.warning("could not ensure topics now (%s); served responses are recorded once the bus answers", e)
+        await self.ensure_topics()  # recording degrades without the bus; serving does not need it
         await self.backend.start()
         self.recorder.start()
         # Loading takes seconds (minutes on Triton): the server answers meanwhile, health NOT_SERVING.
@@ -149,7 +125,8 @@ class PolicyComponent(Component):
                 log.exception("the initial policy %s could not be loaded", path)
         if self.config.follow_model_events:
             self.follower = ModelEventFollower(
-                self.bus, self.manager.apply_events, group=group_id(self.config.models_group_prefix, self.config.replica)
+                self.bus, self.manager.apply_events, group=group_id(self.config.models_group_prefix, self.config.replica),
+                on_unreadable=metrics.MODEL_EVENTS.labels("failed").inc,
             )
             self.follower.start(asyncio.get_running_loop())
 
@@ -168,7 +145,4 @@ class PolicyComponent(Component):
         await self.manager.close()
         await self.recorder.close(self.config.shutdown_grace_s)
         await self.backend.close()
-        if self._owns_bus:
-            await loop.run_in_executor(None, self.bus.close, self.config.shutdown_grace_s)
-        if self._owns_cache:
-            await self.cache.close()
+        await self.close_dependencies()

@@ -30,7 +30,7 @@ from rlhf.policy.backend import (
     RowSpec,
 )
 from rlhf.policy.config import PolicyConfig
-from rlhf.policy.torch_backend import model_context
+from rlhf.core.runtime import model_context
 from rlhf.policy.triton_client import GenerationRequest, TritonClientError, TritonPolicyClient, version_model_name
 from rlhf.serving.errors import Unavailable
 from rlhf.v1 import common_pb2

@@ -11,9 +11,10 @@ import math
 from typing import Protocol
 
 from rlhf.serving.errors import InvalidArgument
+from rlhf.serving.validation import ROLES, check_conversation
 from rlhf.v1 import common_pb2, policy_pb2
 
-ROLES = ("system", "user", "assistant")
+__all__ = ["ROLES", "Limits", "Sampling", "ValidRequest", "validate_generate", "check_prompt_tokens"]
 MAX_TOP_K = 1000
 MAX_TEMPERATURE = 2.0
 
@@ -116,22 +117,8 @@ def validate_generate(request: policy_pb2.GenerateRequest, limits: Limits) -> Va
 
 
 def _messages(conversation: common_pb2.Conversation, limits: Limits) -> tuple[tuple[str, str], ...]:
-    count = len(conversation.messages)
-    if not 1 <= count <= limits.max_messages:
-        raise InvalidArgument("messages.messages", f"has {count} messages; give 1..{limits.max_messages}")
-    out = []
-    for i, message in enumerate(conversation.messages):
-        if message.role not in ROLES:
-            raise InvalidArgument(f"messages.messages[{i}].role", f"is {message.role!r}; use one of {ROLES}")
-        if not message.content.strip():
-            raise InvalidArgument(f"messages.messages[{i}].content", "must not be empty")
-        if _utf8_len(message.content) > limits.max_text_bytes:
-            raise InvalidArgument(
-                f"messages.messages[{i}].content",
-                f"is {_utf8_len(message.content)} bytes; at most {limits.max_text_bytes}",
-            )
-        out.append((message.role, message.content))
-    return tuple(out)
+    return check_conversation(conversation, "messages", max_messages=limits.max_messages,
+                              max_text_bytes=limits.max_text_bytes)
 
 
 def _sampling(params: common_pb2.SamplingParams, limits: Limits) -> Sampling:

@@ -38,7 +38,27 @@ class ServerConfig:
     port: int = field(50051, "gRPC port; 0 picks a free one (the bound port is logged).")
     metrics_port: int = field(9464, "Port of the HTTP /metrics endpoint for Prometheus; 0 picks a free one; -1 disables it.")
     auth_token: str = field(
-        "", "When set, every call except health checks must carry `authorization: Bearer <token>` metadata."
+        "",
+        "Product token(s), comma-separated to rotate: when set, product calls (generate, submit feedback, score, "
+        "read state, reflection) must carry `authorization: Bearer <token>` metadata with one of them or an admin "
+        "token. Health checks never need a token. Scopes: rlhf.serving.access. Prefer the environment "
+        "(RLHF_AUTH_TOKEN) to the flag, which shows in the process list.",
+    )
+    admin_token: str = field(
+        "",
+        "Admin token(s), comma-separated to rotate: admin calls (LoadPolicy, SetTrafficSplit, rollbacks, training "
+        "runs, Promote, LoadRewardModel) need one of them; accepted on product calls too. Empty while auth_token "
+        "is set: admin calls are refused. Both empty: every call is open (development only). Prefer the "
+        "environment (RLHF_ADMIN_TOKEN) to the flag.",
+    )
+    tls_cert_file: str = field(
+        "", "PEM certificate (chain) of the server; with tls_key_file, every service is served over TLS only."
+    )
+    tls_key_file: str = field("", "PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = field(
+        "",
+        "PEM CA certificate(s) that sign client certificates: when set, clients must present one (mutual TLS). "
+        "Needs tls_cert_file and tls_key_file.",
     )
     max_message_bytes: int = field(4 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes.")
     shutdown_grace_s: float = field(10.0, "On SIGTERM, seconds in-flight calls get to finish before they are cancelled.")
@@ -51,10 +71,67 @@ class ServerConfig:
         _check(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
         _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
         _check(self.health_interval_s > 0, "health_interval_s", "must be > 0")
+        # Tokens: the messages never include a token (they reach logs and terminals).
+        for name, raw, tokens in (("auth_token", self.auth_token, self.auth_tokens),
+                                  ("admin_token", self.admin_token, self.admin_tokens)):
+            _check(not raw.strip() or bool(tokens), name, "has no token (a comma-separated list of tokens)")
+            _check(all(33 <= ord(c) <= 126 for t in tokens for c in t), name,
+                   "must hold printable ASCII without spaces (what gRPC metadata can carry)")
+        _check(not set(self.auth_tokens) & set(self.admin_tokens), "admin_token",
+               "shares a token with auth_token: a product token would be an admin token; use different tokens")
+        # TLS: both or neither of cert and key; mutual TLS on top of TLS; files readable now rather than at bind.
+        _check(bool(self.tls_cert_file) == bool(self.tls_key_file),
+               "tls_key_file" if self.tls_cert_file else "tls_cert_file",
+               "is missing: TLS needs both tls_cert_file and tls_key_file (PEM), or neither")
+        _check(not self.tls_client_ca_file or bool(self.tls_cert_file), "tls_client_ca_file",
+               "needs tls_cert_file and tls_key_file (mutual TLS is TLS plus client certificates)")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            _check(not path or (os.path.isfile(path) and os.access(path, os.R_OK)), name,
+                   f"{path!r} is not a readable file")
 
     @property
     def replica(self) -> str:
         return self.replica_id or os.uname().nodename
+
+    @property
+    def auth_tokens(self) -> tuple[str, ...]:
+        """The product tokens (auth_token split at commas)."""
+        return tuple(t.strip() for t in self.auth_token.split(",") if t.strip())
+
+    @property
+    def admin_tokens(self) -> tuple[str, ...]:
+        """The admin tokens (admin_token split at commas)."""
+        return tuple(t.strip() for t in self.admin_token.split(",") if t.strip())
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server is served over TLS."""
+        return bool(self.tls_cert_file)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig(ServerConfig):
+    """What every service on the bus and the cache shares (declared once here; the defaults are the addresses
+    ``deploy/local/infra.py`` gives Kafka and Redis on loopback, so ``infra.py up`` and a service agree with no flag)."""
+
+    bus_url: str = field(
+        "kafka://127.0.0.1:19092",
+        "The message bus: kafka://host:port[,host:port][?field=value...] (distributed; fields of "
+        "rlhf.bus.kafka.KafkaConfig, e.g. ?security_protocol=SASL_SSL) or memory:// (embedded, one process).",
+    )
+    cache_url: str = field(
+        "redis://127.0.0.1:16379/0",
+        "The cache: redis://host:port/db (rediss:// for TLS) or memory:// (embedded, one process).",
+    )
+    create_topics: bool = field(True, "Create the platform's topics at start when they do not exist.")
+    topic_partitions: int = field(3, "Partitions of topics created at start (consumers in one group scale to this).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(bool(self.bus_url), "bus_url", "must not be empty (memory:// for one process)")
+        _check(bool(self.cache_url), "cache_url", "must not be empty (memory:// for one process)")
+        _check(self.topic_partitions >= 1, "topic_partitions", "must be >= 1")
 
 
 def _check(ok: bool, name: str, what: str) -> None:
@@ -127,7 +204,7 @@ def load(cls: type[C], args: argparse.Namespace | None = None, env: Mapping[str,
     return cls(**values)
 
 
-def describe(config: Any, secret_fields: Sequence[str] = ("auth_token",)) -> dict[str, Any]:
+def describe(config: Any, secret_fields: Sequence[str] = ("auth_token", "admin_token")) -> dict[str, Any]:
     """The config as a dict for logs, with secrets masked."""
     out = dataclasses.asdict(config)
     for name in secret_fields:

@@ -52,6 +52,12 @@ class Aborted(ServiceError):
     code = grpc.StatusCode.ABORTED
 
 
+class ResourceExhausted(ServiceError):
+    """A queue is full; retry later or elsewhere."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

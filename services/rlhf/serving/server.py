@@ -4,8 +4,10 @@ A service is one or more :class:`Component` objects (a servicer plus the depende
 
 1. starts each component (connects its dependencies) with health NOT_SERVING,
 2. serves grpc.health.v1 truthfully: a component's service is SERVING only while its ``check()`` passes,
-   re-checked every ``health_interval_s``; the overall status ("") is SERVING only when all are,
-3. on SIGTERM / SIGINT: reports NOT_SERVING, stops accepting calls, lets in-flight calls finish for
+   re-checked every ``health_interval_s``; the overall status ("") is SERVING only when all are; health needs no
+   token (probes send none), every other call the token its scope asks for (rlhf.serving.access),
+3. serves over TLS (mutual TLS with ``tls_client_ca_file``) when ``tls_cert_file`` is set, else plaintext,
+4. on SIGTERM / SIGINT: reports NOT_SERVING, stops accepting calls, lets in-flight calls finish for
    ``shutdown_grace_s``, then stops the components (producers flush) and the metrics endpoint.
 """
 from __future__ import annotations
@@ -23,8 +25,10 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge, start_http_server
 
+from rlhf.serving import tls
+from rlhf.serving.access import AccessPolicy
 from rlhf.serving.config import ServerConfig
-from rlhf.serving.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from rlhf.serving.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor, ParseInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,7 @@ class ServiceHost:
             raise ValueError("ServiceHost needs at least one component")
         self.config = config
         self.components = list(components)
+        self.access = AccessPolicy.from_config(config)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -78,11 +83,35 @@ class ServiceHost:
         return f"{self.config.host}:{self.port}"
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Outermost first: metrics -> auth -> errors -> parsing (see rlhf.serving.interceptors)."""
         chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
-        if self.config.auth_token:
-            chain.append(AuthInterceptor(self.config.auth_token))
-        chain.append(ErrorInterceptor())
+        if self.access.enabled:
+            chain.append(AuthInterceptor(self.access))
+        chain += [ErrorInterceptor(), ParseInterceptor()]
         return chain
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Bind the gRPC port, over TLS when configured; the port bound."""
+        cfg = self.config
+        address = f"{cfg.host}:{cfg.port}"
+        credentials = tls.server_credentials(cfg)  # ConfigError naming the flag when a file is bad
+        try:
+            if credentials is None:
+                return server.add_insecure_port(address)
+            return server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio raises "Failed to bind" where older releases returned 0
+            return 0
+
+    def _log_security(self) -> None:
+        """One line on auth and TLS at start (counts of tokens, never tokens), and what to fix when half set."""
+        cfg = self.config
+        log.info("%s", self.access.summary())
+        if cfg.auth_tokens and not cfg.admin_tokens:
+            log.warning("admin calls (LoadPolicy, SetTrafficSplit, Rollback, training, Promote, ...) are refused: "
+                        "auth_token is set but admin_token is not; set admin_token (RLHF_ADMIN_TOKEN) to allow them")
+        if cfg.tls:
+            log.info("TLS on (%s)", "mutual: client certificates required" if cfg.tls_client_ca_file
+                     else "server certificate only")
 
     async def start(self) -> None:
         """Start components, the gRPC server and the metrics endpoint; health follows the dependency checks."""
@@ -104,9 +133,10 @@ class ServiceHost:
         await self.health.set("", NOT_SERVING)
         reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME], self._server)
-        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        self.port = self._bind(self._server)
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC port {cfg.host}:{cfg.port} (in use?); choose another with --port")
+        self._log_security()
         # 2. dependencies
         for component in self.components:
             await component.start()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"c\n\tScoreItem\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x10\n\x08response\x18\x02 \x01(\tB\x07\n\x05input\"B\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\x12\x0f\n\x07version\x18\x02 \x01(\t\"Q\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x1c\n\x14reward_model_version\x18\x02 \x01(\t\x12\x12\n\ncache_hits\x18\x03 \x01(\r\"\x17\n\x15GetRewardModelRequest\"@\n\x16GetRewardModelResponse\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion2\x9a\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12Q\n\x0eGetRewardModel\x12\x1e.rlhf.v1.GetRewardModelRequest\x1a\x1f.rlhf.v1.GetRewardModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"c\n\tScoreItem\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x10\n\x08response\x18\x02 \x01(\tB\x07\n\x05input\"B\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\x12\x0f\n\x07version\x18\x02 \x01(\t\"Q\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x1c\n\x14reward_model_version\x18\x02 \x01(\t\x12\x12\n\ncache_hits\x18\x03 \x01(\r\"\x17\n\x15GetRewardModelRequest\"g\n\x16GetRewardModelResponse\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12%\n\x06loaded\x18\x02 \x03(\x0b\x32\x15.rlhf.v1.ModelVersion\"@\n\x16LoadRewardModelRequest\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion2\xef\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12Q\n\x0eGetRewardModel\x12\x1e.rlhf.v1.GetRewardModelRequest\x1a\x1f.rlhf.v1.GetRewardModelResponse\x12S\n\x0fLoadRewardModel\x12\x1f.rlhf.v1.LoadRewardModelRequest\x1a\x1f.rlhf.v1.GetRewardModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,7 +41,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETREWARDMODELREQUEST']._serialized_start=307
   _globals['_GETREWARDMODELREQUEST']._serialized_end=330
   _globals['_GETREWARDMODELRESPONSE']._serialized_start=332
-  _globals['_GETREWARDMODELRESPONSE']._serialized_end=396
-  _globals['_REWARDSERVICE']._serialized_start=399
-  _globals['_REWARDSERVICE']._serialized_end=553
+  _globals['_GETREWARDMODELRESPONSE']._serialized_end=435
+  _globals['_LOADREWARDMODELREQUEST']._serialized_start=437
+  _globals['_LOADREWARDMODELREQUEST']._serialized_end=501
+  _globals['_REWARDSERVICE']._serialized_start=504
+  _globals['_REWARDSERVICE']._serialized_end=743
 # @@protoc_insertion_point(module_scope)

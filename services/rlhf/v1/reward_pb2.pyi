@@ -40,6 +40,14 @@ class GetRewardModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetRewardModelResponse(_message.Message):
+    __slots__ = ("version", "loaded")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    version: _common_pb2.ModelVersion
+    loaded: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelVersion]
+    def __init__(self, version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., loaded: _Optional[_Iterable[_Union[_common_pb2.ModelVersion, _Mapping]]] = ...) -> None: ...
+
+class LoadRewardModelRequest(_message.Message):
     __slots__ = ("version",)
     VERSION_FIELD_NUMBER: _ClassVar[int]
     version: _common_pb2.ModelVersion

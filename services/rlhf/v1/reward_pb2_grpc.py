@@ -44,6 +44,11 @@ class RewardServiceStub(object):
                 request_serializer=rlhf_dot_v1_dot_reward__pb2.GetRewardModelRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_reward__pb2.GetRewardModelResponse.FromString,
                 _registered_method=True)
+        self.LoadRewardModel = channel.unary_unary(
+                '/rlhf.v1.RewardService/LoadRewardModel',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.LoadRewardModelRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.GetRewardModelResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer(object):
@@ -51,14 +56,24 @@ class RewardServiceServicer(object):
 
     def Score(self, request, context):
         """Scores a batch. Errors: INVALID_ARGUMENT (empty batch, batch too large, empty or oversized text; the field is
-        named with its index, e.g. items[3].response), UNAVAILABLE (no reward model loaded).
+        named with its index, e.g. items[3].response), NOT_FOUND (a pinned version that is not loaded), UNAVAILABLE
+        (no reward model loaded), DEADLINE_EXCEEDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRewardModel(self, request, context):
-        """The loaded reward-model version.
+        """The current reward-model version and every version loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadRewardModel(self, request, context):
+        """Admin: load a version (its uri is a save_pretrained folder under the artifact root), check it on a probe batch,
+        make it current, then drain and unload the previous one. A version that fails to load or to score leaves the
+        current one serving (FAILED_PRECONDITION with the reason). Replicas follow rlhf.models.v1 for fleet-wide changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +90,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
             'GetRewardModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRewardModel,
                     request_deserializer=rlhf_dot_v1_dot_reward__pb2.GetRewardModelRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.GetRewardModelResponse.SerializeToString,
+            ),
+            'LoadRewardModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadRewardModel,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.LoadRewardModelRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_reward__pb2.GetRewardModelResponse.SerializeToString,
             ),
     }
@@ -131,6 +151,33 @@ class RewardService(object):
             target,
             '/rlhf.v1.RewardService/GetRewardModel',
             rlhf_dot_v1_dot_reward__pb2.GetRewardModelRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.GetRewardModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadRewardModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/LoadRewardModel',
+            rlhf_dot_v1_dot_reward__pb2.LoadRewardModelRequest.SerializeToString,
             rlhf_dot_v1_dot_reward__pb2.GetRewardModelResponse.FromString,
             options,
             channel_credentials,

@@ -102,3 +102,35 @@ def test_reward_model_from_causal_backbone_save_load(tokenizer, tmp_path):
 def test_read_manifest_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         read_manifest(str(tmp_path))
+
+
+def test_models_loaded_by_two_threads_at_once_are_complete(tokenizer, tmp_path):
+    """The embedded platform loads its policy and its reward model in two worker threads at once; transformers builds
+    models on the meta device under a process-wide context, which left parameters there (rlhf.core.models.LOAD_LOCK)."""
+    import threading
+
+    from rlhf.core.models import load_reward_model
+
+    policy = build_causal_lm(tokenizer, "tiny", seed=0)
+    save_artifact(str(tmp_path / "policy"), policy, tokenizer, Manifest(kind="base", version="p"))
+    reward = build_reward_model(policy, tokenizer)
+    save_artifact(str(tmp_path / "reward"), reward, tokenizer, Manifest(kind="reward", version="r"))
+    loaded: list[torch.nn.Module] = []
+    errors: list[BaseException] = []
+
+    def load(fn) -> None:
+        try:
+            loaded.append(fn().to("cpu"))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    for _ in range(4):
+        threads = [threading.Thread(target=load, args=(lambda: load_causal_lm(str(tmp_path / "policy"))[0],)),
+                   threading.Thread(target=load, args=(lambda: load_reward_model(str(tmp_path / "reward")).model,))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    assert len(loaded) == 8
+    assert all(p.device.type == "cpu" for m in loaded for p in m.parameters())

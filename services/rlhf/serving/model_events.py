@@ -1,4 +1,5 @@
-"""Follows ``rlhf.models.v1`` on a background thread and applies its events to this replica's versions.
+"""Follows ``rlhf.models.v1`` on a background thread and applies its events to this replica's versions (the policy
+and reward services both do).
 
 Every replica must see every event, so each has a consumer group of its own. What a replica loads lives in its memory
 only, so a replica reads the topic from the start each time it starts (a new group per start:
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -17,26 +19,41 @@ from typing import Any
 
 from rlhf.bus import topics
 from rlhf.bus.base import Bus, Consumer, Message
-from rlhf.policy import metrics
-from rlhf.v1 import events_pb2
+from rlhf.v1 import common_pb2, events_pb2
 
 log = logging.getLogger(__name__)
 
 Apply = Callable[[Sequence[events_pb2.ModelEvent]], Coroutine[Any, Any, int]]
 
 
+def version_of_folder(path: str, *, name: str, kind: int, version: str = "", uri: str = "") -> common_pb2.ModelVersion:
+    """The ModelVersion of a save_pretrained folder a service starts with: ``version`` when given, else the one in its
+    manifest.json, else the folder's name."""
+    parent = ""
+    if not version:
+        from rlhf.core.models import read_manifest
+
+        try:
+            manifest = read_manifest(path)
+            version, parent = manifest.version, manifest.parent or ""
+        except (FileNotFoundError, ValueError):
+            version = os.path.basename(os.path.normpath(path))
+    return common_pb2.ModelVersion(name=name, version=version, kind=kind, parent_version=parent, uri=uri or path)
+
+
 def group_id(prefix: str, replica: str) -> str:
     return f"{prefix}.{replica}.{uuid.uuid4().hex[:8]}"
 
 
-def parse_events(messages: Sequence[Message]) -> list[events_pb2.ModelEvent]:
-    """The ModelEvents of a batch of records; an unreadable record is counted and skipped."""
+def parse_events(messages: Sequence[Message],
+                 on_unreadable: Callable[[], None] = lambda: None) -> list[events_pb2.ModelEvent]:
+    """The ModelEvents of a batch of records; an unreadable record is counted (``on_unreadable``) and skipped."""
     out = []
     for message in messages:
         try:
             out.append(events_pb2.ModelEvent.FromString(message.value))
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError; anything unreadable is skipped
-            metrics.MODEL_EVENTS.labels("failed").inc()
+            on_unreadable()
             log.warning("unreadable record at %s[%d]@%d skipped", message.topic, message.partition, message.offset)
     return out
 
@@ -45,9 +62,10 @@ class ModelEventFollower:
     """``start(loop)`` on the serving loop; ``apply`` runs there, the consumer on its own thread."""
 
     def __init__(self, bus: Bus, apply: Apply, *, group: str, poll_timeout_s: float = 0.5,
-                 retry_s: float = 2.0) -> None:
+                 retry_s: float = 2.0, on_unreadable: Callable[[], None] = lambda: None) -> None:
         self.bus = bus
         self.apply = apply
+        self.on_unreadable = on_unreadable
         self.group = group
         self.poll_timeout_s = poll_timeout_s
         self.retry_s = retry_s
@@ -77,7 +95,7 @@ class ModelEventFollower:
                 if not messages:
                     self.caught_up.set()
                     continue
-                events = parse_events(messages)
+                events = parse_events(messages, self.on_unreadable)
                 if events:
                     future = asyncio.run_coroutine_threadsafe(self.apply(events), self._loop)  # type: ignore[arg-type]
                     while not self._stop.is_set():  # the apply may load versions for minutes

@@ -1,0 +1,1 @@
+"""The reward scoring service (RewardService of rlhf.v1)."""
