@@ -24,7 +24,7 @@ def _build_once(path: str, build: Callable[[str], None]) -> str:
 
 
 def _tokenizer():
-    from rlhf.core.task import world_texts
+    from rlhf.sim import world_texts
     from rlhf.core.tokenizer import TokenizerConfig, train_tokenizer
 
     return train_tokenizer(world_texts(), TokenizerConfig(kind="word"))

@@ -15,7 +15,7 @@ import sys
 # name -> (module, help). The module has ``add_arguments(parser)`` and ``run(args) -> int``.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("rlhf.embedded", "run every service in one process (embedded mode)"),
-    "demo": ("rlhf.core.demo", "run SFT, reward model and PPO on the built-in task and report the result"),
+    "demo": ("rlhf.sim.demo", "run SFT, reward model and PPO on the built-in task and report the result"),
     "feedback": ("rlhf.feedback.main", "run the feedback service"),
     "policy": ("rlhf.policy.main", "run the policy inference service"),
     "reward": ("rlhf.reward.main", "run the reward scoring service"),

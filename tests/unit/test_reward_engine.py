@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf.core.models import ModelSize, RewardInput, build_causal_lm, build_reward_model
-from rlhf.core.task import world_texts
+from rlhf.sim import world_texts
 from rlhf.core.tokenizer import TokenizerConfig, format_prompt, train_tokenizer
 from rlhf.reward.engine import EngineStopped, Expired, QueueFull, ScoringEngine, bucket_of
 

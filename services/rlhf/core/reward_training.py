@@ -7,7 +7,7 @@ the ranking as one unit — either all its C(K, 2) pairs under Bradley–Terry, 
 trained with the Bradley–Terry loss with that margin (`rlhf.core.losses.PairwiseLoss`, Llama 2 eq. 2).
 
 Accuracy is reported on held-out rankings (share of their implied pairs that the model orders as the annotators did);
-against the gold order and beside the annotators' ceiling in the demo (`rlhf.core.demo`).
+against the gold order and beside the annotators' ceiling in the demo (`rlhf.sim.demo`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from rlhf.core.losses import PairwiseLoss, PairwiseRankingLoss, PlackettLuceLoss
 from rlhf.core.models import RewardModel
-from rlhf.core.task.data import Ranking
+from rlhf.core.data import Ranking
 from rlhf.core.tokenizer import format_prompt
 from rlhf.core.train_loop import make_optimizer, minibatch_indices, optimizer_step, seed_everything, warmup_cosine
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.core.task.data import Demonstration
+from rlhf.core.data import Demonstration
 from rlhf.core.tokenizer import encode_prompt_response, format_prompt
 from rlhf.core.train_loop import make_optimizer, minibatch_indices, optimizer_step, seed_everything, warmup_cosine
 

@@ -7,7 +7,7 @@ The project's built-in models are trained from nothing, so they need a tokenizer
 Two kinds:
 
 - ``"word"``: one token per word or punctuation mark. The smallest vocabulary and the shortest sequences for a closed
-  language such as the built-in task's (`rlhf.core.task`); words never seen in training become ``<unk>``.
+  language such as the built-in task's (`rlhf.sim`); words never seen in training become ``<unk>``.
   Decoding joins words with spaces and glues punctuation back ("place ." -> "place."), so ordinary text round-trips.
 - ``"bpe"``: byte-level BPE (GPT-2 style). Any text round-trips exactly; needs a larger vocabulary for whole words.
 

@@ -8,8 +8,8 @@ import torch
 
 from rlhf.core.models import ModelSize, build_causal_lm, build_reward_model
 from rlhf.core.reward_training import RewardTrainer, RewardTrainingConfig, pair_accuracy, ranking_accuracy
-from rlhf.core.task import PreferencePair, Ranking, split_prompts, world_texts, write_answer
-from rlhf.core.task.gold import gold_utility
+from rlhf.sim import PreferencePair, Ranking, split_prompts, world_texts, write_answer
+from rlhf.sim.gold import gold_utility
 from rlhf.core.tokenizer import train_tokenizer
 
 MICRO = ModelSize(n_layer=1, n_embd=32, n_head=2)

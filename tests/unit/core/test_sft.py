@@ -6,7 +6,7 @@ import torch
 
 from rlhf.core.models import ModelSize, build_causal_lm
 from rlhf.core.sft import IGNORE_INDEX, SFTConfig, build_lm_batch, build_sft_batch, pretrain, train_sft
-from rlhf.core.task import make_demonstrations, split_prompts, world_texts
+from rlhf.sim import make_demonstrations, split_prompts, world_texts
 from rlhf.core.tokenizer import format_prompt, train_tokenizer
 
 MICRO = ModelSize(n_layer=1, n_embd=32, n_head=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from rlhf.core.task import world_texts
+from rlhf.sim import world_texts
 from rlhf.core.tokenizer import (
     ASSISTANT,
     TokenizerConfig,

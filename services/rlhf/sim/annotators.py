@@ -23,9 +23,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rlhf.core.task.data import Ranking
-from rlhf.core.task.gold import gold_utility
-from rlhf.core.task.world import Prompt
+from rlhf.core.data import Ranking
+from rlhf.sim.gold import gold_utility
+from rlhf.sim.world import Prompt
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ A small compositional, templated language, so that all three RLHF stages visibly
   (quality 1.0), its *general* advice (0.5), its *caution*, for risky topics its *unsafe* advice, and topic-free
   *filler*, *vague* lines and a *refusal*.
 
-Every sentence of the inventory is distinct, so `rlhf.core.task.gold` can read any text back into (kind, topic)
+Every sentence of the inventory is distinct, so `rlhf.sim.gold` can read any text back into (kind, topic)
 sentence by sentence; text outside the inventory counts as garbled. The vocabulary is a few hundred words.
 
 Intents change what the best answer is (see `Intent`): a plain question wants up to three specific steps; a safety

@@ -19,8 +19,8 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf.core.task.data import Demonstration
-from rlhf.core.task.world import FILLER, INTENTS_BY_NAME, REFUSAL, TOPICS, TOPICS_BY_NAME, VAGUE, Prompt
+from rlhf.core.data import Demonstration
+from rlhf.sim.world import FILLER, INTENTS_BY_NAME, REFUSAL, TOPICS, TOPICS_BY_NAME, VAGUE, Prompt
 
 Skill = Literal["expert", "average", "poor"]
 
@@ -121,7 +121,7 @@ def pretraining_texts(n: int, seed: int = 0) -> list[str]:
     """Plain "documents" of the world's language for the base model: a question followed by a jumble of sentences of
     its topic (and now and then another topic's), of every kind and quality. They teach words and topics, not what a
     good answer is."""
-    from rlhf.core.task.world import all_prompts
+    from rlhf.sim.world import all_prompts
 
     rng = random.Random(seed)
     prompts = all_prompts()

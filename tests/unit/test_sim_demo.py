@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from rlhf.core import demo
+from rlhf.sim import demo
 from rlhf.core.models import load_artifact, read_manifest
 from rlhf.core.plot import Panel, Series, render_panels
 
@@ -89,8 +89,8 @@ def test_the_demo_and_its_stages_import_no_infrastructure():
     import subprocess
     import sys
 
-    modules = ["rlhf.core.tokenizer", "rlhf.core.models", "rlhf.core.task", "rlhf.core.sft",
-               "rlhf.core.reward_training", "rlhf.core.plot", "rlhf.core.demo"]
+    modules = ["rlhf.core.tokenizer", "rlhf.core.models", "rlhf.core.data", "rlhf.sim", "rlhf.core.sft",
+               "rlhf.core.reward_training", "rlhf.core.plot", "rlhf.sim.demo"]
     code = (
         "import importlib, json, sys\n"
         f"for name in {modules!r}:\n"

@@ -1,6 +1,6 @@
 """``rlhf demo``: the three RLHF stages on the built-in task, from nothing, on the CPU.
 
-    1. world and tokenizer        the assistant world of `rlhf.core.task`; a word-level tokenizer trained on it
+    1. world and tokenizer        the assistant world of `rlhf.sim`; a word-level tokenizer trained on it
     2. base policy                a small causal LM pretrained a little on the world's plain text
     3. supervised policy          fine-tuned on demonstrations of mixed quality (loss on response tokens only)
     4. rankings                   K samples of the supervised policy per prompt, ranked by simulated annotators
@@ -45,7 +45,7 @@ from rlhf.core.plot import Panel, Series, render_panels
 from rlhf.core.ppo import PPOConfig, PPOTrainer
 from rlhf.core.reward_training import RewardTrainer, RewardTrainingConfig, ranking_accuracy
 from rlhf.core.sft import SFTConfig, pretrain, train_sft
-from rlhf.core.task import (
+from rlhf.sim import (
     AnnotatorConfig,
     AnnotatorPool,
     Prompt,
@@ -58,7 +58,7 @@ from rlhf.core.task import (
     world_texts,
     write_jsonl,
 )
-from rlhf.core.task.demonstrations import DemonstratorMix
+from rlhf.sim.demonstrations import DemonstratorMix
 from rlhf.core.tokenizer import TokenizerConfig, format_prompt, train_tokenizer
 
 RESULT_KEYS = ("gold_utility", "rm_accuracy", "rm_ceiling", "kl", "win_rate_ppo_vs_sft")
@@ -288,7 +288,7 @@ class Demo:
         self.train_prompts, self.held_out_prompts = split_prompts(c.held_out_share, seed=0)
         self.tokenizer = train_tokenizer(world_texts(), TokenizerConfig(kind="word"))
         save_artifact(self._path("tokenizer"), None, self.tokenizer, Manifest(
-            kind="tokenizer", version="tokenizer-1", data={"source": "rlhf.core.task.world", "kind": "word"},
+            kind="tokenizer", version="tokenizer-1", data={"source": "rlhf.sim.world", "kind": "word"},
             config={"vocab_size": len(self.tokenizer)},
         ))
         self._timed("world", start)
@@ -304,7 +304,7 @@ class Demo:
         self.results["base_loss"] = result.final_loss()
         save_artifact(self._path("base"), self.base, self.tokenizer, Manifest(
             kind="base", version="base-1", parent=None,
-            data={"source": "rlhf.core.task.pretraining_texts", "texts": len(texts)},
+            data={"source": "rlhf.sim.pretraining_texts", "texts": len(texts)},
             config={**config_dict(pretrain_config), "model_size": c.model_size},
         ))
         self._timed("base", start)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rlhf.core.task import (
+from rlhf.sim import (
     INTENTS,
     TOPICS,
     AnnotatorConfig,
@@ -29,9 +29,9 @@ from rlhf.core.task import (
     write_answer,
     write_jsonl,
 )
-from rlhf.core.task.annotators import Annotator, sigmoid
-from rlhf.core.task.data import parse_lines
-from rlhf.core.task.world import FILLER, INVENTORY, REFUSAL, TOPICS_BY_NAME, VAGUE, Prompt
+from rlhf.sim.annotators import Annotator, sigmoid
+from rlhf.core.data import parse_lines
+from rlhf.sim.world import FILLER, INVENTORY, REFUSAL, TOPICS_BY_NAME, VAGUE, Prompt
 
 
 def _prompt(topic: str, intent: str = "how") -> Prompt:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rlhf.core.task.world import INTENTS_BY_NAME, INVENTORY, TOPICS_BY_NAME, Prompt, normalize_sentence
+from rlhf.sim.world import INTENTS_BY_NAME, INVENTORY, TOPICS_BY_NAME, Prompt, normalize_sentence
 
 # Weights of the terms, named so that tests and docs can refer to them.
 UNSAFE_PENALTY = 2.0
