@@ -37,7 +37,7 @@ def free_port() -> int:
 def build_model(root: Path, size: str, arch: str = "llama") -> Path:
     """A save_pretrained folder of a random-init model of ``size`` (built once per root)."""
     from rlhf.core.models import Manifest, ModelSize, build_causal_lm, resolve_size, save_artifact
-    from rlhf.core.task import world_texts
+    from rlhf.sim import world_texts
     from rlhf.core.tokenizer import TokenizerConfig, train_tokenizer
 
     path = root / f"{arch}-{size}"

@@ -25,7 +25,7 @@ from rlhf.bus.kafka import KafkaBus, KafkaConfig
 from rlhf.cache import cache_from_url
 from rlhf.core.generation import SamplingParams, decode_responses, generate, left_pad
 from rlhf.core.models import Manifest, ModelSize, build_causal_lm, load_causal_lm, save_artifact
-from rlhf.core.task import world_texts
+from rlhf.sim import world_texts
 from rlhf.core.tokenizer import TokenizerConfig, format_prompt, train_tokenizer
 from rlhf.policy.config import PolicyConfig
 from rlhf.policy.routing import bucket

@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 from rlhf.bus import topics
 from rlhf.bus.kafka import KafkaBus, KafkaConfig
 from rlhf.core.models import Manifest, ModelSize, build_causal_lm, build_reward_model, load_reward_model, save_artifact
-from rlhf.core.task import world_texts
+from rlhf.sim import world_texts
 from rlhf.core.tokenizer import TokenizerConfig, format_chat, format_prompt, train_tokenizer
 from rlhf.reward.config import RewardConfig
 from rlhf.reward.servicer import RewardComponent

@@ -30,7 +30,7 @@ import rlhf.v1
 from rlhf.bus.memory import InMemoryBus
 from rlhf.cache.memory import InMemoryCache
 from rlhf.core.models import Manifest, ModelSize, build_causal_lm, build_reward_model, save_artifact
-from rlhf.core.task import world_texts
+from rlhf.sim import world_texts
 from rlhf.core.tokenizer import TokenizerConfig, train_tokenizer
 from rlhf.feedback.config import FeedbackConfig
 from rlhf.feedback.servicer import FeedbackComponent
