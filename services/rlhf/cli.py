@@ -5,6 +5,7 @@
     rlhf feedback    the feedback service alone (distributed mode: Kafka and Redis)
     rlhf policy      the policy inference service alone
     rlhf reward      the reward scoring service alone
+    rlhf trainer     the trainer service alone
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "feedback": ("rlhf.feedback.main", "run the feedback service"),
     "policy": ("rlhf.policy.main", "run the policy inference service"),
     "reward": ("rlhf.reward.main", "run the reward scoring service"),
+    "trainer": ("rlhf.trainer.main", "run the trainer service (feedback -> dataset -> gated reward models)"),
 }
 
 

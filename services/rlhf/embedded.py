@@ -63,6 +63,8 @@ def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryB
     from rlhf.policy.servicer import PolicyComponent
     from rlhf.reward.config import RewardConfig
     from rlhf.reward.servicer import RewardComponent
+    from rlhf.trainer.config import TrainerConfig
+    from rlhf.trainer.servicer import TrainerComponent
 
     bus, cache = InMemoryBus(), InMemoryCache()
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(ServerConfig)}
@@ -93,7 +95,21 @@ def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryB
                    or ensure_initial_reward_model(config.artifact_root))
     reward_config = dataclasses.replace(reward_config, model_path=os.path.abspath(reward_path))
     reward = RewardComponent(reward_config, bus=bus, cache=cache)
-    return [feedback, policy, reward], bus, cache
+    # The trainer consumes the in-process feedback into SQLite under the artifact root and publishes reward models,
+    # which the embedded reward service loads; the first one starts from the demo's SFT policy, else the served one.
+    trainer_config = config_mod.load(
+        TrainerConfig, **shared, bus_url="memory://", cache_url="memory://", create_topics=True,
+        artifact_root=config.artifact_root,
+    )
+    if trainer_config.dataset_path == TrainerConfig.dataset_path:  # not set: beside the embedded artifacts
+        trainer_config = dataclasses.replace(
+            trainer_config, dataset_path=os.path.join(config.artifact_root, "trainer", "dataset.sqlite"))
+    if not trainer_config.reward_base_path:
+        sft = os.path.join("out", "demo", "sft")
+        base = sft if os.path.isdir(sft) else policy_config.model_path
+        trainer_config = dataclasses.replace(trainer_config, reward_base_path=os.path.abspath(base))
+    trainer = TrainerComponent(trainer_config, bus=bus, cache=cache)
+    return [feedback, policy, reward, trainer], bus, cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,9 @@ from collections.abc import Callable
 import pytest
 
 from rlhf.bus import InMemoryBus, bus_from_url, topics
-from rlhf.bus.base import Bus, BusError, BusUnavailable, Consumer, Message, RecordMetadata, TopicSpec
+from rlhf.bus.base import (
+    Bus, BusError, BusUnavailable, Consumer, Message, RebalanceListener, RecordMetadata, TopicSpec,
+)
 from rlhf.bus.partitioning import partition_for_key
 
 
@@ -199,6 +201,65 @@ class BusContract:
             consumer.commit([])  # nothing to do
         with bus.consumer([topic], group_id) as consumer:
             assert_only_new_records_arrive(bus, consumer, topic, self.SETTLE_S)
+
+    def test_a_listeners_offsets_win_over_the_groups_committed_ones(self, bus: Bus, topic: str,
+                                                                    group_id: str) -> None:
+        key = key_for_partition(1, self.PARTITIONS)
+        mds = [bus.send(topic, b"%d" % i, key=key).result(30) for i in range(6)]
+        with bus.consumer([topic], group_id) as consumer:
+            consumer.commit(poll_until(consumer, 6))  # the group is past everything
+
+        class StoredOffsets(RebalanceListener):
+            assigned: list = []
+
+            def on_assigned(self, partitions):
+                self.assigned.extend(partitions)
+                return {(topic, 1): mds[2].offset}  # "my data ends before offset 2 of partition 1"
+
+        listener = StoredOffsets()
+        with bus.consumer([topic], group_id, listener=listener) as consumer:
+            got = poll_until(consumer, 4)
+            assert [m.value for m in got] == [b"2", b"3", b"4", b"5"]
+            assert sorted(listener.assigned) == [(topic, p) for p in range(self.PARTITIONS)]
+            assert sorted(consumer.assignment()) == [(topic, p) for p in range(self.PARTITIONS)]
+            ends = consumer.end_offsets([(topic, 1), (topic, 0)])
+            assert ends == {(topic, 1): mds[-1].offset + 1, (topic, 0): 0}
+
+    def test_a_listener_commits_its_offsets_when_its_partitions_are_revoked(self, bus: Bus, topic: str,
+                                                                           group_id: str) -> None:
+        key = key_for_partition(0, self.PARTITIONS)
+        for i in range(5):
+            bus.send(topic, b"%d" % i, key=key)
+        bus.flush(30)
+
+        class Revoked(RebalanceListener):
+            revoked: list = []
+
+            def on_revoked(self, partitions):
+                self.revoked.extend(partitions)
+                return {(topic, 0): 3} if (topic, 0) in partitions else {}
+
+        listener = Revoked()
+        with bus.consumer([topic], group_id, listener=listener) as consumer:
+            poll_until(consumer, 5)  # read everything, commit nothing: leaving revokes the partitions
+        assert (topic, 0) in listener.revoked
+        deadline = time.monotonic() + 30  # Kafka: the commit on revoke is asynchronous
+        with bus.consumer([topic], group_id) as consumer:
+            got = poll_until(consumer, 2)
+            while len(got) < 2 and time.monotonic() < deadline:
+                got += consumer.poll(0.2)
+            assert [m.value for m in got] == [b"3", b"4"]
+
+    def test_commit_offsets_commits_explicit_offsets(self, bus: Bus, topic: str, group_id: str) -> None:
+        key = key_for_partition(2, self.PARTITIONS)
+        for i in range(4):
+            bus.send(topic, b"%d" % i, key=key)
+        bus.flush(30)
+        with bus.consumer([topic], group_id) as consumer:
+            poll_until(consumer, 4)
+            consumer.commit_offsets({(topic, 2): 1})
+        with bus.consumer([topic], group_id) as consumer:
+            assert [m.value for m in poll_until(consumer, 3)] == [b"1", b"2", b"3"]
 
     def test_groups_are_independent(self, bus: Bus, topic: str, group_id: str) -> None:
         bus.send(topic, b"x", key=b"k").result(30)

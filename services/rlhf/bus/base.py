@@ -6,7 +6,9 @@ Contract (both implementations keep it, and tests/integration checks it against 
   or fails it with :class:`BusUnavailable` (broker unreachable, delivery timeout) / :class:`BusError`.
   It never blocks the caller for longer than ``max_block_s`` of the bus config.
 * Consumers belong to a group, start from the earliest offset of a new group, and commit only when told
-  (at-least-once: a record is redelivered until the consumer commits past it).
+  (at-least-once: a record is redelivered until the consumer commits past it). A consumer that keeps its own
+  offsets (with its data, in one transaction) gives a :class:`RebalanceListener`: its offsets win over the group's
+  committed ones when partitions are assigned, and it commits them (advisory) when partitions are revoked.
 * Records keep the order of their key (same key -> same partition).
 """
 from __future__ import annotations
@@ -150,6 +152,29 @@ class BatchResults:
         self.set_many([(i, error) for i, r in enumerate(list(self._results)) if r is None])
 
 
+TopicPartition = tuple[str, int]
+"""(topic, partition)."""
+
+
+class RebalanceListener:
+    """Told when the group moves partitions to or from a consumer. Called during ``poll`` (Kafka: on the client's
+    network thread), so it must return promptly and must not call the consumer or the bus."""
+
+    def on_assigned(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """Partitions now this consumer's; returns where to start reading those it knows better than the group's
+        committed offset (the next offset to read), e.g. the offsets stored with its data."""
+        return {}
+
+    def on_revoked(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """Partitions about to move away, after the last record of them was returned by ``poll``; returns offsets
+        to commit for them (asynchronously, best effort: the next owner starts there)."""
+        return {}
+
+    def on_lost(self, partitions: Sequence[TopicPartition]) -> None:
+        """Partitions taken away without a chance to commit (the consumer was evicted from the group): work on
+        their records that is not durable yet should be dropped; another member reads them again."""
+
+
 class Consumer(abc.ABC):
     """A member of a consumer group. Not thread-safe: use it from one thread."""
 
@@ -160,6 +185,22 @@ class Consumer(abc.ABC):
     @abc.abstractmethod
     def commit(self, messages: Sequence[Message] | None = None) -> None:
         """Commit past ``messages`` (per partition, the highest offset + 1), or past everything polled when None."""
+
+    def commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit explicit next-to-read offsets (e.g. those stored with the consumer's data)."""
+        raise NotImplementedError
+
+    def assignment(self) -> list[TopicPartition]:
+        """The partitions this member holds now."""
+        raise NotImplementedError
+
+    def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The offset the next record written to each partition will get (for consumer lag)."""
+        raise NotImplementedError
+
+    def positions(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The offset of the next record ``poll`` returns, for partitions this member holds."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -221,8 +262,10 @@ class Bus(abc.ABC):
         """Block until every queued record is resolved (durable or failed)."""
 
     @abc.abstractmethod
-    def consumer(self, topics: Sequence[str], group_id: str, *, client_id: str | None = None) -> Consumer:
-        """A consumer in ``group_id`` subscribed to ``topics``, with manual commits."""
+    def consumer(self, topics: Sequence[str], group_id: str, *, client_id: str | None = None,
+                 listener: RebalanceListener | None = None) -> Consumer:
+        """A consumer in ``group_id`` subscribed to ``topics``, with manual commits (and ``listener`` told of
+        rebalances)."""
 
     @abc.abstractmethod
     def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:

@@ -36,9 +36,10 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from rlhf.bus import kafka_batch
 from rlhf.bus.base import (
-    BatchResults, Bus, BusError, BusUnavailable, Consumer, Message, RecordMetadata, TopicSpec, check_poll,
-    check_record, check_topic_specs,
+    BatchResults, Bus, BusError, BusUnavailable, Consumer, Message, RebalanceListener, RecordMetadata, TopicSpec,
+    check_poll, check_record, check_topic_specs,
 )
+from rlhf.bus.base import TopicPartition as TopicPartition_  # (topic, partition); kafka's TopicPartition is a struct
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ class KafkaConfig:
     heartbeat_interval_s: float = 1.0
     """How often a consumer heartbeats, hence how soon it notices that the group rebalances (a member joined or
     left) and that a partition moves; below session_timeout_s / 3."""
+    auto_offset_reset: str = "earliest"
+    """Where a consumer starts a partition its group has no committed offset for (and its listener names none):
+    ``earliest`` (everything the topic keeps: what a new trainer must read) or ``latest`` (only records written
+    after it joined)."""
     security_protocol: str = "PLAINTEXT"
     """PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."""
     sasl_mechanism: str | None = None
@@ -124,6 +129,8 @@ class KafkaConfig:
                 f"KafkaConfig.heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most a third of "
                 f"session_timeout_s ({self.session_timeout_s})"
             )
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            raise ValueError(f"KafkaConfig.auto_offset_reset must be 'earliest' or 'latest', got {self.auto_offset_reset!r}")
         if self.batch_size_bytes < 1 or self.max_request_size_bytes < 1:
             raise ValueError("KafkaConfig.batch_size_bytes and max_request_size_bytes must be positive")
         if self.compression not in _COMPRESSION:
@@ -207,7 +214,7 @@ class KafkaConfig:
             "client_id": client_id or f"{self.client_id}-consumer",
             "group_id": group_id,
             "enable_auto_commit": False,  # at-least-once: commit after the work is durable
-            "auto_offset_reset": "earliest",  # a new group reads what was written before it existed
+            "auto_offset_reset": self.auto_offset_reset,  # earliest: a new group reads what was written before it
             "session_timeout_ms": int(self.session_timeout_s * 1000),
             "heartbeat_interval_ms": int(self.heartbeat_interval_s * 1000),
         }
@@ -408,6 +415,38 @@ def _construct(cls: type[T], *args: Any, **kwargs: Any) -> T:
     return obj
 
 
+class _Listener(kafka.ConsumerRebalanceListener):
+    """Our RebalanceListener on kafka-python's (sync) listener, which runs on the client's network thread: seeking
+    only sets the fetch position and ``commit_async`` only queues a request, so neither blocks there (a blocking
+    ``commit`` raises "Cannot block on net.run() from the IO thread itself" in kafka-python 3.x)."""
+
+    def __init__(self, listener: RebalanceListener) -> None:
+        self.listener = listener
+        self.consumer: kafka.KafkaConsumer | None = None
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        mine = sorted((tp.topic, tp.partition) for tp in assigned)
+        if not mine:
+            return
+        positions = self.listener.on_assigned(mine)
+        for (topic, partition), offset in positions.items():
+            if (topic, partition) in mine:
+                self.consumer.seek(TopicPartition(topic, partition), offset)  # type: ignore[union-attr]
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        mine = sorted((tp.topic, tp.partition) for tp in revoked)
+        offsets = {tp: o for tp, o in self.listener.on_revoked(mine).items() if tp in mine} if mine else {}
+        if offsets:
+            try:
+                self.consumer.commit_async(  # type: ignore[union-attr]
+                    {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+            except Exception:  # noqa: BLE001 - advisory: the owner's own offsets win on assignment anyway
+                log.warning("committing offsets of revoked partitions failed", exc_info=True)
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        self.listener.on_lost(sorted((tp.topic, tp.partition) for tp in lost))
+
+
 class KafkaGroupConsumer(Consumer):
     """A member of a consumer group with manual commits (wraps ``kafka.KafkaConsumer``)."""
 
@@ -415,6 +454,42 @@ class KafkaGroupConsumer(Consumer):
         self._c = consumer
         self._request_timeout_ms = int(request_timeout_s * 1000)
         self._closed = False
+
+    def commit_offsets(self, offsets: dict[TopicPartition_, int]) -> None:
+        if self._closed:
+            raise BusError("commit on a closed consumer")
+        if not offsets:
+            return
+        try:
+            self._c.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()},
+                           timeout_ms=self._request_timeout_ms)
+        except kerr.CommitFailedError as e:
+            raise BusError(f"commit failed: the group rebalanced ({e})") from e
+        except Exception as e:
+            raise _bus_error(e, "commit failed") from e
+
+    def assignment(self) -> list[TopicPartition_]:
+        return sorted((tp.topic, tp.partition) for tp in self._c.assignment())
+
+    def end_offsets(self, partitions: Sequence[TopicPartition_]) -> dict[TopicPartition_, int]:
+        if not partitions:
+            return {}
+        try:
+            ends = self._c.end_offsets([TopicPartition(t, p) for t, p in partitions])
+        except Exception as e:
+            raise _bus_error(e, "end_offsets failed") from e
+        return {(tp.topic, tp.partition): int(o) for tp, o in ends.items()}
+
+    def positions(self, partitions: Sequence[TopicPartition_]) -> dict[TopicPartition_, int]:
+        out = {}
+        held = set(self.assignment())
+        for t, p in partitions:
+            if (t, p) in held:
+                try:
+                    out[(t, p)] = int(self._c.position(TopicPartition(t, p), timeout_ms=self._request_timeout_ms))
+                except Exception as e:
+                    raise _bus_error(e, "position failed") from e
+        return out
 
     def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Message]:
         if self._closed:
@@ -635,7 +710,8 @@ class KafkaBus(Bus):
 
     # -- consuming and administration
 
-    def consumer(self, topics: Sequence[str], group_id: str, *, client_id: str | None = None) -> KafkaGroupConsumer:
+    def consumer(self, topics: Sequence[str], group_id: str, *, client_id: str | None = None,
+                 listener: RebalanceListener | None = None) -> KafkaGroupConsumer:
         """A group member. Blocks up to ``max_block_s`` to connect; BusUnavailable when the cluster is unreachable."""
         if isinstance(topics, str) or not topics or not all(isinstance(t, str) and t for t in topics):
             raise TypeError(f"topics must be a non-empty sequence of topic names, got {topics!r}")
@@ -644,7 +720,13 @@ class KafkaBus(Bus):
         if self._closed:
             raise BusError("consumer() on a closed bus")
         try:
-            c = _construct(kafka.KafkaConsumer, *topics, **self.config.consumer_kwargs(group_id, client_id))
+            if listener is None:
+                c = _construct(kafka.KafkaConsumer, *topics, **self.config.consumer_kwargs(group_id, client_id))
+            else:
+                c = _construct(kafka.KafkaConsumer, **self.config.consumer_kwargs(group_id, client_id))
+                adapter = _Listener(listener)
+                adapter.consumer = c
+                c.subscribe(list(topics), listener=adapter)
         except Exception as e:
             raise _bus_error(e, f"cannot join group {group_id!r} at {self.config.bootstrap_servers}") from e
         return KafkaGroupConsumer(c, self.config.request_timeout_s)

@@ -28,7 +28,8 @@ import time
 from collections.abc import Sequence
 
 from rlhf.bus.base import (
-    Bus, BusError, Consumer, Message, RecordMetadata, TopicSpec, check_poll, check_record, check_topic_specs,
+    Bus, BusError, Consumer, Message, RebalanceListener, RecordMetadata, TopicPartition, TopicSpec, check_poll,
+    check_record, check_topic_specs,
 )
 from rlhf.bus.partitioning import partition_for_key
 
@@ -159,7 +160,8 @@ class InMemoryBus(Bus):
 
     # -- consuming
 
-    def consumer(self, topics: Sequence[str], group_id: str, *, client_id: str | None = None) -> Consumer:
+    def consumer(self, topics: Sequence[str], group_id: str, *, client_id: str | None = None,
+                 listener: RebalanceListener | None = None) -> Consumer:
         if isinstance(topics, str) or not topics or not all(isinstance(t, str) and t for t in topics):
             raise TypeError(f"topics must be a non-empty sequence of topic names, got {topics!r}")
         if not isinstance(group_id, str) or not group_id:
@@ -173,7 +175,7 @@ class InMemoryBus(Bus):
             group = self._groups.setdefault(group_id, _Group())
             group.members[member] = list(dict.fromkeys(topics))
             self._rebalance(group)
-        return _InMemoryConsumer(self, group_id, member)
+        return _InMemoryConsumer(self, group_id, member, listener)
 
     def _rebalance(self, group: _Group) -> None:
         """New generation; range assignment per topic (Kafka's RangeAssignor): contiguous partition ranges by member."""
@@ -199,10 +201,12 @@ class InMemoryBus(Bus):
 
 
 class _InMemoryConsumer(Consumer):
-    def __init__(self, bus: InMemoryBus, group_id: str, member: int) -> None:
+    def __init__(self, bus: InMemoryBus, group_id: str, member: int,
+                 listener: RebalanceListener | None = None) -> None:
         self._bus = bus
         self._group_id = group_id
         self._member = member
+        self._listener = listener
         self._generation = -1  # forces a (re)sync with the group on the first poll
         self._positions: dict[tuple[str, int], int] = {}
         self._rotation = -1
@@ -214,10 +218,17 @@ class _InMemoryConsumer(Consumer):
             return
         self._generation = group.generation
         old = self._positions
-        self._positions = {
-            tp: old[tp] if tp in old else group.committed.get(tp, 0)
-            for tp in group.assignment.get(self._member, [])
-        }
+        new = list(group.assignment.get(self._member, []))
+        if self._listener is not None:
+            revoked = [tp for tp in old if tp not in new]
+            if revoked:
+                group.committed.update(self._listener.on_revoked(revoked))
+        self._positions = {tp: old[tp] if tp in old else group.committed.get(tp, 0) for tp in new}
+        if self._listener is not None:
+            added = [tp for tp in new if tp not in old]
+            if added:
+                self._positions.update({tp: o for tp, o in self._listener.on_assigned(added).items()
+                                        if tp in self._positions})
 
     def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Message]:
         if self._closed:
@@ -268,7 +279,31 @@ class _InMemoryConsumer(Consumer):
                         offsets[tp] = m.offset + 1
             group.committed.update(offsets)
 
+    def commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        if self._closed:
+            raise BusError("commit on a closed consumer")
+        with self._bus._cond:
+            self._bus._groups[self._group_id].committed.update(offsets)
+
+    def assignment(self) -> list[TopicPartition]:
+        with self._bus._cond:
+            self._sync(self._bus._groups[self._group_id])
+            return list(self._positions)
+
+    def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        with self._bus._cond:
+            return {(t, p): self._bus._topics[t][p].end for t, p in partitions}
+
+    def positions(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        with self._bus._cond:
+            return {tp: self._positions[tp] for tp in partitions if tp in self._positions}
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._listener is not None:
+                with self._bus._cond:
+                    group = self._bus._groups[self._group_id]
+                    if self._positions:
+                        group.committed.update(self._listener.on_revoked(list(self._positions)))
             self._bus._leave(self._group_id, self._member)

@@ -59,6 +59,9 @@ class Ranking:
     """For a ranking of two from a pair with a margin; unused for longer rankings."""
     annotator: str | None = None
     """Who ranked (a pseudonymous id), where known."""
+    messages: tuple[tuple[str, str], ...] = ()
+    """For a conversation: its (role, content) turns, formatted with the model's chat template instead of
+    ``prompt`` (which then only names it)."""
 
     @property
     def ordered(self) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from rlhf.core.losses import PairwiseLoss, PairwiseRankingLoss, PlackettLuceLoss
 from rlhf.core.models import RewardModel
 from rlhf.core.data import Ranking
-from rlhf.core.tokenizer import format_prompt
+from rlhf.core.tokenizer import format_chat, format_prompt
 from rlhf.core.train_loop import make_optimizer, minibatch_indices, optimizer_step, seed_everything, warmup_cosine
 
 
@@ -84,11 +84,19 @@ def _ranking_batch(tokenizer, rankings: Sequence[Ranking]) -> _RankingBatch:
         offsets.append(len(responses))
         sizes.append(len(r.responses))
         margins.append(r.margin if len(r.responses) == 2 else None)
-        formatted = format_prompt(tokenizer, r.prompt)
+        formatted = prompt_text(tokenizer, r)
         for response in r.ordered:
             prompts.append(formatted)
             responses.append(response)
     return _RankingBatch(prompts, responses, offsets, sizes, margins)
+
+
+def prompt_text(tokenizer, ranking: Ranking) -> str:
+    """What the reward model reads before each response: the chat template over the conversation, or the plain
+    prompt formatted as the policy sees it (the reward service formats the same way)."""
+    if ranking.messages:
+        return format_chat(tokenizer, [{"role": r, "content": c} for r, c in ranking.messages])
+    return format_prompt(tokenizer, ranking.prompt)
 
 
 def _grid(flat: torch.Tensor, batch: _RankingBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

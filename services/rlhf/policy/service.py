@@ -203,6 +203,7 @@ class PolicyService:
                 response_id=prep.response_ids[i],
                 prompt_id=prep.prompt_id,
                 prompt=prep.prompt_text,
+                input_prompt=request.prompt or "",
                 text=text,
                 policy_version=prep.version,
                 sampling=request.sampling.to_proto(prep.rows[i].seed, prep.rows[i].params.max_new_tokens),

@@ -27,23 +27,23 @@ from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 from rlhf.v1 import feedback_pb2 as rlhf_dot_v1_dot_feedback__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/events.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\x1a\x16rlhf/v1/feedback.proto\"\x8b\x03\n\x0eServedResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\'\n\x08messages\x18\x04 \x01(\x0b\x32\x15.rlhf.v1.Conversation\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12)\n\x08sampling\x18\x07 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12,\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\x12-\n\tserved_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07product\x18\x0c \x01(\t\x12\x13\n\x0brouting_key\x18\r \x01(\t\x12\x12\n\nreplica_id\x18\x0e \x01(\t\"\xb7\x01\n\x0e\x46\x65\x65\x64\x62\x61\x63kRecord\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.FeedbackEvent\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14unknown_response_ids\x18\x03 \x03(\t\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x1b\n\x13responses_unchecked\x18\x05 \x01(\x08\"\xae\x01\n\nDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x14\n\x0csource_topic\x18\x02 \x01(\t\x12\x18\n\x10source_partition\x18\x03 \x01(\x05\x12\x15\n\rsource_offset\x18\x04 \x01(\x03\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa7\x01\n\x0cPromptRecord\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x0e\n\x06source\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x07\n\x05input\"\xb5\x01\n\nModelEvent\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.rlhf.v1.ModelAction\x12\x17\n\x0ftraffic_percent\x18\x03 \x01(\r\x12\x18\n\x10previous_version\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x80\x01\n\x0bModelAction\x12\x1c\n\x18MODEL_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_ACTION_PUBLISHED\x10\x01\x12\x19\n\x15MODEL_ACTION_PROMOTED\x10\x02\x12\x1c\n\x18MODEL_ACTION_ROLLED_BACK\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/events.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\x1a\x16rlhf/v1/feedback.proto\"\xa1\x03\n\x0eServedResponse\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\'\n\x08messages\x18\x04 \x01(\x0b\x32\x15.rlhf.v1.Conversation\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12)\n\x08sampling\x18\x07 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12,\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\t \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\r\x12-\n\tserved_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07product\x18\x0c \x01(\t\x12\x13\n\x0brouting_key\x18\r \x01(\t\x12\x12\n\nreplica_id\x18\x0e \x01(\t\x12\x14\n\x0cinput_prompt\x18\x0f \x01(\t\"\xb7\x01\n\x0e\x46\x65\x65\x64\x62\x61\x63kRecord\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.FeedbackEvent\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14unknown_response_ids\x18\x03 \x03(\t\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x1b\n\x13responses_unchecked\x18\x05 \x01(\x08\"\xae\x01\n\nDeadLetter\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x14\n\x0csource_topic\x18\x02 \x01(\t\x12\x18\n\x10source_partition\x18\x03 \x01(\x05\x12\x15\n\rsource_offset\x18\x04 \x01(\x03\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa7\x01\n\x0cPromptRecord\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.ConversationH\x00\x12\x0e\n\x06source\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x07\n\x05input\"\xb5\x01\n\nModelEvent\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12$\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x14.rlhf.v1.ModelAction\x12\x17\n\x0ftraffic_percent\x18\x03 \x01(\r\x12\x18\n\x10previous_version\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x80\x01\n\x0bModelAction\x12\x1c\n\x18MODEL_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_ACTION_PUBLISHED\x10\x01\x12\x19\n\x15MODEL_ACTION_PROMOTED\x10\x02\x12\x1c\n\x18MODEL_ACTION_ROLLED_BACK\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELACTION']._serialized_start=1228
-  _globals['_MODELACTION']._serialized_end=1356
+  _globals['_MODELACTION']._serialized_start=1250
+  _globals['_MODELACTION']._serialized_end=1378
   _globals['_SERVEDRESPONSE']._serialized_start=113
-  _globals['_SERVEDRESPONSE']._serialized_end=508
-  _globals['_FEEDBACKRECORD']._serialized_start=511
-  _globals['_FEEDBACKRECORD']._serialized_end=694
-  _globals['_DEADLETTER']._serialized_start=697
-  _globals['_DEADLETTER']._serialized_end=871
-  _globals['_PROMPTRECORD']._serialized_start=874
-  _globals['_PROMPTRECORD']._serialized_end=1041
-  _globals['_MODELEVENT']._serialized_start=1044
-  _globals['_MODELEVENT']._serialized_end=1225
+  _globals['_SERVEDRESPONSE']._serialized_end=530
+  _globals['_FEEDBACKRECORD']._serialized_start=533
+  _globals['_FEEDBACKRECORD']._serialized_end=716
+  _globals['_DEADLETTER']._serialized_start=719
+  _globals['_DEADLETTER']._serialized_end=893
+  _globals['_PROMPTRECORD']._serialized_start=896
+  _globals['_PROMPTRECORD']._serialized_end=1063
+  _globals['_MODELEVENT']._serialized_start=1066
+  _globals['_MODELEVENT']._serialized_end=1247
 # @@protoc_insertion_point(module_scope)

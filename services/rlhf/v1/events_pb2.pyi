@@ -24,7 +24,7 @@ MODEL_ACTION_PROMOTED: ModelAction
 MODEL_ACTION_ROLLED_BACK: ModelAction
 
 class ServedResponse(_message.Message):
-    __slots__ = ("response_id", "prompt_id", "prompt", "messages", "text", "policy_version", "sampling", "finish_reason", "prompt_tokens", "completion_tokens", "served_at", "product", "routing_key", "replica_id")
+    __slots__ = ("response_id", "prompt_id", "prompt", "messages", "text", "policy_version", "sampling", "finish_reason", "prompt_tokens", "completion_tokens", "served_at", "product", "routing_key", "replica_id", "input_prompt")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class ServedResponse(_message.Message):
     PRODUCT_FIELD_NUMBER: _ClassVar[int]
     ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PROMPT_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     prompt_id: str
     prompt: str
@@ -53,7 +54,8 @@ class ServedResponse(_message.Message):
     product: str
     routing_key: str
     replica_id: str
-    def __init__(self, response_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., text: _Optional[str] = ..., policy_version: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., served_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., product: _Optional[str] = ..., routing_key: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    input_prompt: str
+    def __init__(self, response_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[_common_pb2.Conversation, _Mapping]] = ..., text: _Optional[str] = ..., policy_version: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., served_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., product: _Optional[str] = ..., routing_key: _Optional[str] = ..., replica_id: _Optional[str] = ..., input_prompt: _Optional[str] = ...) -> None: ...
 
 class FeedbackRecord(_message.Message):
     __slots__ = ("event", "received_at", "unknown_response_ids", "replica_id", "responses_unchecked")

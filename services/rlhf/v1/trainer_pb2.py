@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"\x82\x03\n\rTrainerStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.rlhf.v1.RunState\x12\x1d\n\x05stage\x18\x03 \x01(\x0e\x32\x0e.rlhf.v1.Stage\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x34\n\x07metrics\x18\x06 \x03(\x0b\x32#.rlhf.v1.TrainerStatus.MetricsEntry\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x1c\n\x14reward_model_version\x18\x08 \x01(\t\x12 \n\x18\x66\x65\x65\x64\x62\x61\x63k_events_consumed\x18\t \x01(\x04\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10GetStatusRequest\"c\n\x0fStartRunRequest\x12\x1e\n\x06stages\x18\x01 \x03(\x0e\x32\x0e.rlhf.v1.Stage\x12\x11\n\tppo_steps\x18\x02 \x01(\x04\x12\x1d\n\x15parent_policy_version\x18\x03 \x01(\t\"\x11\n\x0fPauseRunRequest\"\x12\n\x10ResumeRunRequest\"2\n\x17TrainRewardModelRequest\x12\x17\n\x0fmin_comparisons\x18\x01 \x01(\r\"q\n\x18TrainRewardModelResponse\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12\x18\n\x10heldout_accuracy\x18\x02 \x01(\x01\x12\x13\n\x0b\x63omparisons\x18\x03 \x01(\x04\"F\n\x13ListVersionsRequest\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelKind\x12\r\n\x05limit\x18\x02 \x01(\r\"?\n\x14ListVersionsResponse\x12\'\n\x08versions\x18\x01 \x03(\x0b\x32\x15.rlhf.v1.ModelVersion\":\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x17\n\x0ftraffic_percent\x18\x02 \x01(\r\"R\n\x0fPromoteResponse\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12\x17\n\x0ftraffic_percent\x18\x02 \x01(\r\"3\n\x0fRollbackRequest\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelKind\":\n\x10RollbackResponse\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion*\x95\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eRUN_STATE_IDLE\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x14\n\x10RUN_STATE_PAUSED\x10\x03\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05*T\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tSTAGE_SFT\x10\x01\x12\x16\n\x12STAGE_REWARD_MODEL\x10\x02\x12\r\n\tSTAGE_PPO\x10\x03\x32\xb1\x04\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatus\x12<\n\x08StartRun\x12\x18.rlhf.v1.StartRunRequest\x1a\x16.rlhf.v1.TrainerStatus\x12<\n\x08PauseRun\x12\x18.rlhf.v1.PauseRunRequest\x1a\x16.rlhf.v1.TrainerStatus\x12>\n\tResumeRun\x12\x19.rlhf.v1.ResumeRunRequest\x1a\x16.rlhf.v1.TrainerStatus\x12W\n\x10TrainRewardModel\x12 .rlhf.v1.TrainRewardModelRequest\x1a!.rlhf.v1.TrainRewardModelResponse\x12K\n\x0cListVersions\x12\x1c.rlhf.v1.ListVersionsRequest\x1a\x1d.rlhf.v1.ListVersionsResponse\x12<\n\x07Promote\x12\x17.rlhf.v1.PromoteRequest\x1a\x18.rlhf.v1.PromoteResponse\x12?\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x19.rlhf.v1.RollbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rlhf/v1/common.proto\"\xd4\x04\n\rTrainerStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.rlhf.v1.RunState\x12\x1d\n\x05stage\x18\x03 \x01(\x0e\x32\x0e.rlhf.v1.Stage\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x34\n\x07metrics\x18\x06 \x03(\x0b\x32#.rlhf.v1.TrainerStatus.MetricsEntry\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x1c\n\x14reward_model_version\x18\x08 \x01(\t\x12 \n\x18\x66\x65\x65\x64\x62\x61\x63k_events_consumed\x18\t \x01(\x04\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x1a\n\x12responses_consumed\x18\x0c \x01(\x04\x12\"\n\x03lag\x18\r \x03(\x0b\x32\x15.rlhf.v1.PartitionLag\x12\x34\n\x07\x64\x61taset\x18\x0e \x03(\x0b\x32#.rlhf.v1.TrainerStatus.DatasetEntry\x12\x17\n\x0fnew_comparisons\x18\x0f \x01(\x04\x12\x11\n\tconsuming\x18\x10 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0c\x44\x61tasetEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"h\n\x0cPartitionLag\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x15\n\rstored_offset\x18\x03 \x01(\x03\x12\x12\n\nend_offset\x18\x04 \x01(\x03\x12\x0b\n\x03lag\x18\x05 \x01(\x03\"\x12\n\x10GetStatusRequest\"c\n\x0fStartRunRequest\x12\x1e\n\x06stages\x18\x01 \x03(\x0e\x32\x0e.rlhf.v1.Stage\x12\x11\n\tppo_steps\x18\x02 \x01(\x04\x12\x1d\n\x15parent_policy_version\x18\x03 \x01(\t\"\x11\n\x0fPauseRunRequest\"\x12\n\x10ResumeRunRequest\"2\n\x17TrainRewardModelRequest\x12\x17\n\x0fmin_comparisons\x18\x01 \x01(\r\"\xc5\x01\n\x18TrainRewardModelResponse\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12\x18\n\x10heldout_accuracy\x18\x02 \x01(\x01\x12\x13\n\x0b\x63omparisons\x18\x03 \x01(\x04\x12\x11\n\tpublished\x18\x04 \x01(\x08\x12\"\n\x1aincumbent_heldout_accuracy\x18\x05 \x01(\x01\x12\x1b\n\x13heldout_comparisons\x18\x06 \x01(\x04\"F\n\x13ListVersionsRequest\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelKind\x12\r\n\x05limit\x18\x02 \x01(\r\"?\n\x14ListVersionsResponse\x12\'\n\x08versions\x18\x01 \x03(\x0b\x32\x15.rlhf.v1.ModelVersion\":\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x17\n\x0ftraffic_percent\x18\x02 \x01(\r\"R\n\x0fPromoteResponse\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12\x17\n\x0ftraffic_percent\x18\x02 \x01(\r\"3\n\x0fRollbackRequest\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.rlhf.v1.ModelKind\":\n\x10RollbackResponse\x12&\n\x07version\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion*\x95\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eRUN_STATE_IDLE\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x14\n\x10RUN_STATE_PAUSED\x10\x03\x12\x17\n\x13RUN_STATE_COMPLETED\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05*T\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tSTAGE_SFT\x10\x01\x12\x16\n\x12STAGE_REWARD_MODEL\x10\x02\x12\r\n\tSTAGE_PPO\x10\x03\x32\xb1\x04\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatus\x12<\n\x08StartRun\x12\x18.rlhf.v1.StartRunRequest\x1a\x16.rlhf.v1.TrainerStatus\x12<\n\x08PauseRun\x12\x18.rlhf.v1.PauseRunRequest\x1a\x16.rlhf.v1.TrainerStatus\x12>\n\tResumeRun\x12\x19.rlhf.v1.ResumeRunRequest\x1a\x16.rlhf.v1.TrainerStatus\x12W\n\x10TrainRewardModel\x12 .rlhf.v1.TrainRewardModelRequest\x1a!.rlhf.v1.TrainRewardModelResponse\x12K\n\x0cListVersions\x12\x1c.rlhf.v1.ListVersionsRequest\x1a\x1d.rlhf.v1.ListVersionsResponse\x12<\n\x07Promote\x12\x17.rlhf.v1.PromoteRequest\x1a\x18.rlhf.v1.PromoteResponse\x12?\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x19.rlhf.v1.RollbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,38 +35,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINERSTATUS_METRICSENTRY']._loaded_options = None
   _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATE']._serialized_start=1200
-  _globals['_RUNSTATE']._serialized_end=1349
-  _globals['_STAGE']._serialized_start=1351
-  _globals['_STAGE']._serialized_end=1435
+  _globals['_TRAINERSTATUS_DATASETENTRY']._loaded_options = None
+  _globals['_TRAINERSTATUS_DATASETENTRY']._serialized_options = b'8\001'
+  _globals['_RUNSTATE']._serialized_start=1601
+  _globals['_RUNSTATE']._serialized_end=1750
+  _globals['_STAGE']._serialized_start=1752
+  _globals['_STAGE']._serialized_end=1836
   _globals['_TRAINERSTATUS']._serialized_start=90
-  _globals['_TRAINERSTATUS']._serialized_end=476
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=430
-  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=476
-  _globals['_GETSTATUSREQUEST']._serialized_start=478
-  _globals['_GETSTATUSREQUEST']._serialized_end=496
-  _globals['_STARTRUNREQUEST']._serialized_start=498
-  _globals['_STARTRUNREQUEST']._serialized_end=597
-  _globals['_PAUSERUNREQUEST']._serialized_start=599
-  _globals['_PAUSERUNREQUEST']._serialized_end=616
-  _globals['_RESUMERUNREQUEST']._serialized_start=618
-  _globals['_RESUMERUNREQUEST']._serialized_end=636
-  _globals['_TRAINREWARDMODELREQUEST']._serialized_start=638
-  _globals['_TRAINREWARDMODELREQUEST']._serialized_end=688
-  _globals['_TRAINREWARDMODELRESPONSE']._serialized_start=690
-  _globals['_TRAINREWARDMODELRESPONSE']._serialized_end=803
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=805
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=875
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=877
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=940
-  _globals['_PROMOTEREQUEST']._serialized_start=942
-  _globals['_PROMOTEREQUEST']._serialized_end=1000
-  _globals['_PROMOTERESPONSE']._serialized_start=1002
-  _globals['_PROMOTERESPONSE']._serialized_end=1084
-  _globals['_ROLLBACKREQUEST']._serialized_start=1086
-  _globals['_ROLLBACKREQUEST']._serialized_end=1137
-  _globals['_ROLLBACKRESPONSE']._serialized_start=1139
-  _globals['_ROLLBACKRESPONSE']._serialized_end=1197
-  _globals['_TRAINERSERVICE']._serialized_start=1438
-  _globals['_TRAINERSERVICE']._serialized_end=1999
+  _globals['_TRAINERSTATUS']._serialized_end=686
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_start=592
+  _globals['_TRAINERSTATUS_METRICSENTRY']._serialized_end=638
+  _globals['_TRAINERSTATUS_DATASETENTRY']._serialized_start=640
+  _globals['_TRAINERSTATUS_DATASETENTRY']._serialized_end=686
+  _globals['_PARTITIONLAG']._serialized_start=688
+  _globals['_PARTITIONLAG']._serialized_end=792
+  _globals['_GETSTATUSREQUEST']._serialized_start=794
+  _globals['_GETSTATUSREQUEST']._serialized_end=812
+  _globals['_STARTRUNREQUEST']._serialized_start=814
+  _globals['_STARTRUNREQUEST']._serialized_end=913
+  _globals['_PAUSERUNREQUEST']._serialized_start=915
+  _globals['_PAUSERUNREQUEST']._serialized_end=932
+  _globals['_RESUMERUNREQUEST']._serialized_start=934
+  _globals['_RESUMERUNREQUEST']._serialized_end=952
+  _globals['_TRAINREWARDMODELREQUEST']._serialized_start=954
+  _globals['_TRAINREWARDMODELREQUEST']._serialized_end=1004
+  _globals['_TRAINREWARDMODELRESPONSE']._serialized_start=1007
+  _globals['_TRAINREWARDMODELRESPONSE']._serialized_end=1204
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1206
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1276
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1278
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1341
+  _globals['_PROMOTEREQUEST']._serialized_start=1343
+  _globals['_PROMOTEREQUEST']._serialized_end=1401
+  _globals['_PROMOTERESPONSE']._serialized_start=1403
+  _globals['_PROMOTERESPONSE']._serialized_end=1485
+  _globals['_ROLLBACKREQUEST']._serialized_start=1487
+  _globals['_ROLLBACKREQUEST']._serialized_end=1538
+  _globals['_ROLLBACKRESPONSE']._serialized_start=1540
+  _globals['_ROLLBACKRESPONSE']._serialized_end=1598
+  _globals['_TRAINERSERVICE']._serialized_start=1839
+  _globals['_TRAINERSERVICE']._serialized_end=2400
 # @@protoc_insertion_point(module_scope)

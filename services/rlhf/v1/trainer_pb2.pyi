@@ -38,7 +38,7 @@ STAGE_REWARD_MODEL: Stage
 STAGE_PPO: Stage
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("run_id", "state", "stage", "step", "total_steps", "metrics", "policy_version", "reward_model_version", "feedback_events_consumed", "updated_at", "message")
+    __slots__ = ("run_id", "state", "stage", "step", "total_steps", "metrics", "policy_version", "reward_model_version", "feedback_events_consumed", "updated_at", "message", "responses_consumed", "lag", "dataset", "new_comparisons", "consuming")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,13 @@ class TrainerStatus(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class DatasetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +64,11 @@ class TrainerStatus(_message.Message):
     FEEDBACK_EVENTS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    NEW_COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    CONSUMING_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: RunState
     stage: Stage
@@ -68,7 +80,26 @@ class TrainerStatus(_message.Message):
     feedback_events_consumed: int
     updated_at: _timestamp_pb2.Timestamp
     message: str
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., policy_version: _Optional[str] = ..., reward_model_version: _Optional[str] = ..., feedback_events_consumed: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    responses_consumed: int
+    lag: _containers.RepeatedCompositeFieldContainer[PartitionLag]
+    dataset: _containers.ScalarMap[str, int]
+    new_comparisons: int
+    consuming: bool
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., policy_version: _Optional[str] = ..., reward_model_version: _Optional[str] = ..., feedback_events_consumed: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., responses_consumed: _Optional[int] = ..., lag: _Optional[_Iterable[_Union[PartitionLag, _Mapping]]] = ..., dataset: _Optional[_Mapping[str, int]] = ..., new_comparisons: _Optional[int] = ..., consuming: bool = ...) -> None: ...
+
+class PartitionLag(_message.Message):
+    __slots__ = ("topic", "partition", "stored_offset", "end_offset", "lag")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    STORED_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    stored_offset: int
+    end_offset: int
+    lag: int
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., stored_offset: _Optional[int] = ..., end_offset: _Optional[int] = ..., lag: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -99,14 +130,20 @@ class TrainRewardModelRequest(_message.Message):
     def __init__(self, min_comparisons: _Optional[int] = ...) -> None: ...
 
 class TrainRewardModelResponse(_message.Message):
-    __slots__ = ("version", "heldout_accuracy", "comparisons")
+    __slots__ = ("version", "heldout_accuracy", "comparisons", "published", "incumbent_heldout_accuracy", "heldout_comparisons")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HELDOUT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    INCUMBENT_HELDOUT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_COMPARISONS_FIELD_NUMBER: _ClassVar[int]
     version: _common_pb2.ModelVersion
     heldout_accuracy: float
     comparisons: int
-    def __init__(self, version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., heldout_accuracy: _Optional[float] = ..., comparisons: _Optional[int] = ...) -> None: ...
+    published: bool
+    incumbent_heldout_accuracy: float
+    heldout_comparisons: int
+    def __init__(self, version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., heldout_accuracy: _Optional[float] = ..., comparisons: _Optional[int] = ..., published: bool = ..., incumbent_heldout_accuracy: _Optional[float] = ..., heldout_comparisons: _Optional[int] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ("kind", "limit")

@@ -1,0 +1,198 @@
+"""Consumption of rlhf.feedback.v1 and rlhf.responses.v1 into the dataset, on a thread of its own.
+
+1. poll a batch (the group's consumer, manual commits); drop records of partitions the group took away without a
+   revoke (``on_lost``: another member reads them again);
+2. store it: records and offsets in one dataset transaction (``Dataset.store``);
+3. commit the batch's offsets to Kafka: advisory only, for the usual lag tools; on (re)assignment the dataset's own
+   offsets win (``on_assigned`` seeks there), and on revoke the stored offsets are committed (asynchronously: the
+   rebalance callbacks run on the client's network thread, where a blocking commit raises);
+4. every ``housekeeping_s``: dead-letter what waited too long for its responses, publish the dead-letter outbox,
+   refresh consumer lag and dataset sizes.
+
+The bus down: the loop logs, waits ``retry_s`` and rebuilds its consumer; nothing stored is lost, nothing is stored
+twice. Paused: the consumer leaves the group (committing its stored offsets) until resumed.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from rlhf.bus import topics
+from rlhf.bus.base import Bus, BusError, Consumer, RebalanceListener, TopicPartition
+from rlhf.trainer import metrics
+from rlhf.trainer.dataset import Dataset, StoreOutcome
+
+log = logging.getLogger(__name__)
+
+TOPICS = (topics.FEEDBACK, topics.RESPONSES)
+
+
+class FeedbackConsumer(RebalanceListener):
+    def __init__(self, bus: Bus, dataset: Dataset, *, group: str, poll_timeout_s: float = 0.5,
+                 max_records: int = 2000, housekeeping_s: float = 2.0, retry_s: float = 2.0,
+                 unknown_from_start: bool = True,
+                 on_stored: Callable[[StoreOutcome], None] = lambda outcome: None) -> None:
+        self.bus = bus
+        self.dataset = dataset
+        self.group = group
+        self.poll_timeout_s = poll_timeout_s
+        self.max_records = max_records
+        self.housekeeping_s = housekeeping_s
+        self.retry_s = retry_s
+        self.on_stored = on_stored
+        self.unknown_from_start = unknown_from_start
+        self.lag: dict[TopicPartition, int] = {}
+        self.consumed = {t: 0 for t in TOPICS}
+        self.last_error = ""
+        self._lost: set[TopicPartition] = set()
+        self._lost_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="trainer-consume", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self.paused
+
+    # ------------------------------------------------------------------------------------------ rebalances
+
+    def on_assigned(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        with self._lost_lock:
+            self._lost.difference_update(partitions)
+        stored = self.dataset.stored_offsets()
+        # A partition the dataset never stored is read from its start (offset 0: Kafka resets it to the oldest
+        # record kept), whatever the group committed: the dataset's offsets win. Only a consumer configured to
+        # skip history (auto_offset_reset=latest) leaves them to the group.
+        return {tp: stored.get(tp, 0) for tp in partitions if tp in stored or self.unknown_from_start}
+
+    def on_revoked(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        stored = self.dataset.stored_offsets()
+        return {tp: stored[tp] for tp in partitions if tp in stored}
+
+    def on_lost(self, partitions: Sequence[TopicPartition]) -> None:
+        with self._lost_lock:
+            self._lost.update(partitions)
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        consumer: Consumer | None = None
+        next_housekeeping = 0.0
+        while not self._stop.is_set():
+            try:
+                if self._paused.is_set():
+                    consumer = self._close(consumer)
+                    metrics.CONSUMING.set(0)
+                    self._stop.wait(0.2)
+                    continue
+                if consumer is None:
+                    consumer = self.bus.consumer(list(TOPICS), self.group, client_id=self.group, listener=self)
+                metrics.CONSUMING.set(1)
+                self._step(consumer)
+                if time.monotonic() >= next_housekeeping:
+                    self._housekeeping(consumer)
+                    next_housekeeping = time.monotonic() + self.housekeeping_s
+                self.last_error = ""
+            except Exception as e:  # noqa: BLE001 - the bus may be down: retry; the dataset keeps what it has
+                self.last_error = f"{type(e).__name__}: {e}"
+                metrics.CONSUMING.set(0)
+                log.warning("consuming feedback: %s; retrying in %.0fs", self.last_error, self.retry_s)
+                consumer = self._close(consumer)
+                self._stop.wait(self.retry_s)
+        self._close(consumer)
+        metrics.CONSUMING.set(0)
+
+    def _step(self, consumer: Consumer) -> None:
+        messages = consumer.poll(self.poll_timeout_s, self.max_records)  # 1.
+        if not self.unknown_from_start:
+            known = self.dataset.stored_offsets()
+            unknown = [tp for tp in consumer.assignment() if tp not in known]
+            if unknown:  # where "latest" put them: from now on the dataset's offsets decide
+                first = {}
+                for m in messages:
+                    tp = (m.topic, m.partition)
+                    first[tp] = min(first.get(tp, m.offset), m.offset)
+                positions = consumer.positions(unknown)
+                self.dataset.mark_start({tp: first.get(tp, positions[tp]) for tp in unknown if tp in positions})
+        if not messages:
+            return
+        with self._lost_lock:
+            if self._lost:
+                messages = [m for m in messages if (m.topic, m.partition) not in self._lost]
+        if not messages:
+            return
+        started = time.perf_counter()
+        outcome = self.dataset.store(messages)  # 2.
+        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+        self._count(outcome)
+        try:
+            consumer.commit(messages)  # 3.
+        except BusError as e:
+            log.info("advisory commit failed (the dataset's offsets are what counts): %s", e)
+        self.on_stored(outcome)
+
+    def _count(self, outcome: StoreOutcome) -> None:
+        for topic, n in outcome.consumed.items():
+            metrics.CONSUMED.labels(topic).inc(n)
+            self.consumed[topic] = self.consumed.get(topic, 0) + n
+        for kind, n in outcome.stored.items():
+            metrics.STORED.labels(kind).inc(n)
+        for kind, n in outcome.duplicates.items():
+            metrics.DUPLICATES.labels(kind).inc(n)
+        for reason, n in outcome.dead.items():
+            metrics.DEAD_LETTERS.labels(reason).inc(n)
+
+    def _housekeeping(self, consumer: Consumer) -> None:
+        """4."""
+        self._count(self.dataset.expire())
+        self.publish_dead_letters()
+        ends = consumer.end_offsets(consumer.assignment())
+        stored = self.dataset.stored_offsets()
+        self.lag = {tp: max(0, end - stored.get(tp, 0)) for tp, end in ends.items()}
+        for (topic, partition), lag in self.lag.items():
+            metrics.LAG.labels(topic, str(partition)).set(lag)
+        for kind, n in self.dataset.sizes().items():
+            metrics.DATASET.labels(kind).set(n)
+
+    def publish_dead_letters(self, timeout_s: float = 30.0) -> int:
+        """Send the outbox to rlhf.feedback.v1.dlq; a letter leaves the outbox once durable there."""
+        letters = self.dataset.dead_letters()
+        if not letters:
+            return 0
+        outcomes = self.bus.send_batch(topics.FEEDBACK_DLQ, [(d.payload, d.event_id.encode()) for d in letters]
+                                       ).result(timeout_s)
+        sent = [d.id for d, o in zip(letters, outcomes, strict=True) if not isinstance(o, BusError)]
+        self.dataset.dead_letters_sent(sent)
+        metrics.DEAD_LETTERS_PUBLISHED.inc(len(sent))
+        return len(sent)
+
+    def _close(self, consumer: Consumer | None) -> None:
+        if consumer is not None:
+            try:
+                consumer.close()
+            except Exception:  # noqa: BLE001
+                log.debug("closing the feedback consumer failed", exc_info=True)
+        return None

@@ -1,0 +1,210 @@
+"""From feedback events and the responses they name to training records (pure: no storage, no bus).
+
+Conversion rules:
+
+* ratings of responses to the same prompt become preference pairs, the higher rated response chosen (thumbs: up = 1,
+  down = 0; a scale is mapped onto [0, 1]); ties are dropped;
+* a pairwise preference is a pair (its strength, when given, a margin: slight 0, clear 0.5, strong 1);
+* a K-wise ranking is kept whole, best first, as the core's reward trainer uses it;
+* a demonstration is supervised data;
+* an edit is a demonstration (the prompt of the edited response, the edited text) and a pair that prefers the edit
+  over the response it edits (no pair when the edit changed nothing).
+
+Responses "answer the same prompt" when their prompts are equal (the product's plain prompt, or its conversation).
+Every derived record keeps the event ids it came from. An event that cannot be used is a :class:`Unusable` with the
+reason that goes with it to the dead-letter topic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+
+from rlhf.v1 import events_pb2, feedback_pb2
+
+STRENGTH_MARGIN = {
+    feedback_pb2.PREFERENCE_STRENGTH_SLIGHT: 0.0,
+    feedback_pb2.PREFERENCE_STRENGTH_CLEAR: 0.5,
+    feedback_pb2.PREFERENCE_STRENGTH_STRONG: 1.0,
+}
+
+
+class Unusable(Exception):
+    """The event cannot become training data; ``reason`` goes to the dead-letter topic."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """What a response answered: the plain prompt as the product sent it, or the conversation."""
+
+    text: str
+    messages: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Equal for equal prompts (a plain prompt and a conversation never collide)."""
+        raw = json.dumps(["messages", self.messages] if self.messages else ["prompt", self.text])
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """A served response, as stored from rlhf.responses.v1."""
+
+    response_id: str
+    prompt: Prompt
+    text: str
+    policy_version: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Responses to one prompt, best first (two for a pair), and the events that said so."""
+
+    prompt: Prompt
+    responses: tuple[str, ...]
+    sources: tuple[str, ...]
+    margin: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return "pair" if len(self.responses) == 2 else "ranking"
+
+
+@dataclasses.dataclass(frozen=True)
+class Demonstration:
+    prompt: Prompt
+    response: str
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RatingValue:
+    """A rating, normalised to [0, 1], of one response."""
+
+    event_id: str
+    response_id: str
+    prompt_key: str
+    value: float
+    text: str
+    """The rated response's text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """What one event became."""
+
+    comparisons: tuple[Comparison, ...] = ()
+    demonstrations: tuple[Demonstration, ...] = ()
+    rating: RatingValue | None = None
+
+
+KINDS = ("rating", "pairwise", "ranking", "demonstration", "edit")
+
+
+def kind_of(event: feedback_pb2.FeedbackEvent) -> str:
+    kind = event.WhichOneof("kind")
+    if kind not in KINDS:
+        raise Unusable("the event has no kind (rating, pairwise, ranking, demonstration or edit)")
+    return kind
+
+
+def response_of(served: events_pb2.ServedResponse) -> Response:
+    """The stored form of a served response. A plain-prompt response without ``input_prompt`` (recorded before the
+    field existed) keeps the formatted prompt as its text."""
+    messages = tuple((m.role, m.content) for m in served.messages.messages)
+    prompt = Prompt(served.input_prompt or ("" if messages else served.prompt), messages)
+    return Response(served.response_id, prompt, served.text, served.policy_version)
+
+
+def needed_responses(event: feedback_pb2.FeedbackEvent) -> tuple[str, ...]:
+    """The response ids an event needs before it can be converted."""
+    kind = kind_of(event)
+    if kind == "rating":
+        return (event.rating.response_id,)
+    if kind == "pairwise":
+        return (event.pairwise.chosen_response_id, event.pairwise.rejected_response_id)
+    if kind == "ranking":
+        return tuple(event.ranking.response_ids)
+    if kind == "edit":
+        return (event.edit.response_id,)
+    return ()
+
+
+def _same_prompt(responses: Sequence[Response], what: str) -> Prompt:
+    keys = {r.prompt.key for r in responses}
+    if len(keys) != 1:
+        ids = ", ".join(r.response_id for r in responses)
+        raise Unusable(f"the {what}'s responses ({ids}) answer different prompts")
+    return responses[0].prompt
+
+
+def _rating_value(rating: feedback_pb2.Rating) -> float:
+    which = rating.WhichOneof("value")
+    if which == "thumb":
+        if rating.thumb == feedback_pb2.THUMB_UP:
+            return 1.0
+        if rating.thumb == feedback_pb2.THUMB_DOWN:
+            return 0.0
+        raise Unusable("rating.thumb is unspecified")
+    if which == "scale":
+        scale = rating.scale
+        if scale.max <= scale.min or not scale.min <= scale.value <= scale.max:
+            raise Unusable(f"rating.scale {scale.value} is not within [{scale.min}, {scale.max}]")
+        return (scale.value - scale.min) / (scale.max - scale.min)
+    raise Unusable("the rating has no value (thumb or scale)")
+
+
+def convert(event: feedback_pb2.FeedbackEvent, responses: Mapping[str, Response],
+            earlier_ratings: Sequence[RatingValue] = ()) -> Derived:
+    """What ``event`` becomes, given every response it needs (``needed_responses``) and, for a rating, the earlier
+    ratings of responses to the same prompt. Raises :class:`Unusable`."""
+    kind = kind_of(event)
+    needed = [responses[r] for r in needed_responses(event)]
+    eid = event.event_id
+    if kind == "rating":
+        response = needed[0]
+        mine = RatingValue(eid, response.response_id, response.prompt.key, _rating_value(event.rating), response.text)
+        pairs = []
+        for other in earlier_ratings:
+            if other.response_id == mine.response_id or other.value == mine.value or other.prompt_key != mine.prompt_key:
+                continue
+            high, low = (mine, other) if mine.value > other.value else (other, mine)
+            pairs.append(Comparison(response.prompt, (high.text, low.text), tuple(sorted((mine.event_id, other.event_id)))))
+        return Derived(comparisons=tuple(pairs), rating=mine)
+    if kind == "pairwise":
+        chosen, rejected = needed
+        prompt = _same_prompt(needed, "pair")
+        return Derived(comparisons=(Comparison(prompt, (chosen.text, rejected.text), (eid,),
+                                               STRENGTH_MARGIN.get(event.pairwise.strength)),))
+    if kind == "ranking":
+        prompt = _same_prompt(needed, "ranking")
+        if len({r.text for r in needed}) < len(needed):
+            raise Unusable("the ranking orders responses with the same text")
+        return Derived(comparisons=(Comparison(prompt, tuple(r.text for r in needed), (eid,)),))
+    if kind == "demonstration":
+        demo = event.demonstration
+        messages = tuple((m.role, m.content) for m in demo.messages.messages)
+        prompt = Prompt("" if messages else demo.prompt, messages)
+        return Derived(demonstrations=(Demonstration(prompt, demo.response, eid),))
+    # edit
+    original = needed[0]
+    edited = event.edit.edited_text
+    demonstrations = (Demonstration(original.prompt, edited, eid),)
+    if edited.strip() == original.text.strip():
+        return Derived(demonstrations=demonstrations)
+    return Derived(comparisons=(Comparison(original.prompt, (edited, original.text), (eid,)),),
+                   demonstrations=demonstrations)
+
+
+def heldout(sources: Sequence[str], share: float) -> bool:
+    """Whether a comparison from these source events is held out: fixed by a hash of the sorted event ids, so an
+    event never moves between training and held-out data whatever else arrives (and a comparison from two rating
+    events is held out or not as one)."""
+    digest = hashlib.sha256("\x1f".join(sorted(sources)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share

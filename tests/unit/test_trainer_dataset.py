@@ -1,0 +1,110 @@
+"""The trainer's dataset: conversion rules, the durable join, deduplication, offsets in the same transaction,
+the held-out split fixed by event ids, the dead-letter outbox."""
+from __future__ import annotations
+
+import pytest
+
+from rlhf.bus import topics
+from rlhf.trainer import convert
+from rlhf.trainer.dataset import Dataset
+from rlhf.v1 import events_pb2, feedback_pb2
+from support.trainer_records import (
+    demonstration, edit, feedback_message, message, pairwise, ranking, response_message, served, stars, thumb,
+)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    ds = Dataset(str(tmp_path / "dataset.sqlite"), heldout_share=0.2, join_timeout_s=60)
+    yield ds
+    ds.close()
+
+
+def responses(*specs):
+    return [response_message(served(rid, prompt, text)) for rid, prompt, text in specs]
+
+
+def test_each_kind_becomes_what_the_rules_say(dataset):
+    dataset.store(responses(("r1", "cook rice", "rinse it"), ("r2", "cook rice", "burn it"),
+                            ("r3", "cook rice", "boil it"), ("r4", "plan a picnic", "bring food")))
+    out = dataset.store([
+        feedback_message(ranking("e-rank", "r3", "r1", "r2")),
+        feedback_message(pairwise("e-pair", "r1", "r2", feedback_pb2.PREFERENCE_STRENGTH_STRONG)),
+        feedback_message(demonstration("e-demo", "fix a tap", "replace the washer")),
+        feedback_message(edit("e-edit", "r4", "bring food and water")),
+        feedback_message(edit("e-same", "r4", "bring food")),  # no change: a demonstration, no pair
+    ])
+    assert out.stored == {"ranking": 1, "pairwise": 1, "demonstration": 1, "edit": 2}
+    got = {c.comparison.sources: c.comparison for c in dataset.comparisons()}
+    assert got[("e-rank",)].responses == ("boil it", "rinse it", "burn it")
+    assert got[("e-pair",)].responses == ("rinse it", "burn it") and got[("e-pair",)].margin == 1.0
+    assert got[("e-edit",)].responses == ("bring food and water", "bring food")
+    assert got[("e-edit",)].prompt.text == "plan a picnic"  # the product's prompt, not the formatted one
+    assert ("e-same",) not in got
+    demos = {(d.source, d.prompt.text, d.response) for d in dataset.demonstrations()}
+    assert demos == {("e-demo", "fix a tap", "replace the washer"), ("e-edit", "plan a picnic", "bring food and water"),
+                     ("e-same", "plan a picnic", "bring food")}
+
+
+def test_ratings_of_one_prompt_become_pairs_and_ties_are_dropped(dataset):
+    dataset.store(responses(("r1", "q", "good"), ("r2", "q", "bad"), ("r3", "q", "fine"), ("r9", "other", "x")))
+    dataset.store([feedback_message(thumb("t1", "r1", True)), feedback_message(thumb("t2", "r2", False)),
+                   feedback_message(thumb("t3", "r3", True)),  # ties with t1: no pair between r1 and r3
+                   feedback_message(thumb("t9", "r9", False)),  # another prompt: never paired with these
+                   feedback_message(stars("s1", "r3", 3))])  # 0.5: between up and down
+    pairs = sorted((c.comparison.responses, c.comparison.sources) for c in dataset.comparisons())
+    # t3 ties with t1 (both up); s1 (3 of 1..5 = 0.5) rates r3 again, which is never paired with itself
+    assert pairs == sorted([(("good", "bad"), ("t1", "t2")), (("fine", "bad"), ("t2", "t3")),
+                            (("good", "fine"), ("s1", "t1")), (("fine", "bad"), ("s1", "t2"))])
+
+
+def test_feedback_waits_for_its_responses_then_joins_or_dead_letters(dataset):
+    dataset.store([feedback_message(ranking("early", "a1", "a2")), feedback_message(ranking("late", "b1", "b2"))])
+    assert dataset.sizes().get("feedback_pending") == 2 and dataset.count_comparisons() == 0
+    dataset.store(responses(("a1", "q", "x"), ("a2", "q", "y"), ("b1", "q", "z")))  # b2 never comes
+    assert [c.comparison.sources for c in dataset.comparisons()] == [("early",)]
+    import time
+
+    out = dataset.expire(now=time.time() + 61)
+    assert out.dead == {"join_timeout": 1}
+    [letter] = dataset.dead_letters()
+    parsed = events_pb2.DeadLetter.FromString(letter.payload)
+    assert parsed.event_id == "late" and "b2" in parsed.reason and parsed.source_topic == topics.FEEDBACK
+    assert events_pb2.FeedbackRecord.FromString(parsed.payload).event.event_id == "late"
+    dataset.dead_letters_sent([letter.id])
+    assert dataset.dead_letters() == []
+    assert dataset.dead_reason("late").startswith("responses b2 not seen")
+
+
+def test_unusable_events_are_dead_lettered_and_not_trained_on(dataset):
+    dataset.store(responses(("r1", "cook rice", "x"), ("r2", "plan a picnic", "y")))
+    out = dataset.store([feedback_message(pairwise("cross", "r1", "r2")),
+                         message(topics.FEEDBACK, b"\xff\xff not a record")])
+    assert out.dead == {"different_prompts": 1, "unparsable": 1}
+    assert dataset.count_comparisons() == 0
+    reasons = sorted(events_pb2.DeadLetter.FromString(d.payload).reason for d in dataset.dead_letters())
+    assert "different prompts" in reasons[1] and "cannot parse" in reasons[0]
+
+
+def test_redelivered_and_duplicate_records_are_stored_once(dataset, tmp_path):
+    batch = responses(("r1", "q", "x"), ("r2", "q", "y")) + [feedback_message(ranking("e1", "r1", "r2"))]
+    first = dataset.store(batch)
+    again = dataset.store(batch)  # the same offsets: skipped before parsing
+    assert sum(first.stored.values()) == 3 and sum(again.stored.values()) == 0
+    assert again.duplicates["redelivered"] == 3
+    repeat = feedback_message(ranking("e1", "r1", "r2"))  # the same event_id at a new offset
+    copy = dataset.store([repeat])
+    assert copy.duplicates == {"ranking": 1}
+    assert dataset.count_comparisons() == 1
+    # the offsets are stored with the data and read back by a new instance (a restart)
+    reopened = Dataset(dataset.path)
+    assert reopened.stored_offsets() == dataset.stored_offsets()
+    assert reopened.stored_offsets()[(topics.FEEDBACK, 0)] == repeat.offset + 1
+    reopened.close()
+
+
+def test_the_heldout_split_is_fixed_by_the_source_events():
+    flags = [convert.heldout((f"event-{i}",), 0.2) for i in range(2000)]
+    assert 0.17 < sum(flags) / len(flags) < 0.23
+    assert convert.heldout(("a", "b"), 0.5) == convert.heldout(("b", "a"), 0.5)
+    assert all(convert.heldout((f"event-{i}",), 0.2) == f for i, f in enumerate(flags))
