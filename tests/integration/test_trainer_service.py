@@ -311,3 +311,134 @@ def test_a_restarted_trainer_resumes_from_its_own_offsets(tmp_path, kafka_bootst
         wait_for(lambda: len(stored_events(component, prefix)) == 30, what="the 15 the backup lacked, read again")
         mine = [c for c in component.dataset.comparisons() if c.comparison.sources[0].startswith(prefix)]
         assert sorted(c.comparison.sources[0] for c in mine) == sorted(e.event_id for e in events)  # once each
+
+
+# --------------------------------------------------------------------------------------------- crashes
+
+
+def _trainer_process(config: TrainerConfig, log_path):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "rlhf", "trainer", "--port", str(config.port), "--metrics-port", "-1",
+            "--bus-url", config.bus_url, "--cache-url", "memory://", "--dataset-path", config.dataset_path,
+            "--group-id", config.group_id, "--artifact-root", config.artifact_root, "--min-new-comparisons", "0",
+            "--max-records", str(config.max_records), "--housekeeping-s", "0.5", "--health-interval-s", "0.5"]
+    return subprocess.Popen(args, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+def _serving(port: int, timeout: float = 60.0) -> trainer_pb2.TrainerStatus:
+    """The trainer's status once it serves and has joined its group (its dataset knows where it starts)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=2)
+                if {lag.topic for lag in status.lag} == {topics.FEEDBACK, topics.RESPONSES}:
+                    return status
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"the trainer on port {port} did not serve within {timeout}s")
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_while_consuming_loses_and_doubles_nothing(tmp_path, kafka_bootstrap, base_model, bus):
+    """SIGKILL five times at random moments while records stream in; at the end the dataset holds every event of
+    the topic exactly once, and what they became exactly once too."""
+    import random
+    import signal
+    import socket
+    import sqlite3
+
+    from support.trainer_records import demonstration
+
+    prefix = f"crash-{uuid.uuid4().hex[:6]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = trainer_config(tmp_path, kafka_bootstrap, base_model, port=port, max_records=100)
+    rng = random.Random(7)
+    log_path = tmp_path / "trainer.log"
+    proc = _trainer_process(config, log_path)
+    produced_rankings: list[str] = []
+    produced_demos: list[str] = []
+    try:
+        _serving(port)
+        for chunk in range(6):
+            responses, rankings = simulated_rankings(150, k=2, seed=100 + chunk, prefix=f"{prefix}-{chunk}")
+            demos = [demonstration(f"{prefix}-{chunk}-d{i}", "fix a tap", f"turn the water off {i}")
+                     for i in range(300)]
+            produce(bus, responses, rankings + demos)
+            produced_rankings += [e.event_id for e in rankings]
+            produced_demos += [e.event_id for e in demos]
+            if chunk == 5:
+                break
+            time.sleep(rng.uniform(0.2, 1.5))  # somewhere in the middle of consuming the chunk
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            proc = _trainer_process(config, log_path)
+            _serving(port)
+
+        def stored() -> dict[str, int]:
+            with sqlite3.connect(config.dataset_path) as db:
+                return dict(db.execute("SELECT state, count(*) FROM feedback WHERE event_id LIKE ? GROUP BY state",
+                                       (f"{prefix}-%",)).fetchall())
+
+        total = len(produced_rankings) + len(produced_demos)
+        wait_for(lambda: sum(stored().values()) == total and stored().get("used") == total, timeout=120,
+                 what=f"all {total} events stored and used")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    # counted against the topic: every event of this test on rlhf.feedback.v1 is in the dataset once
+    on_topic = collect(kafka_bootstrap, topics.FEEDBACK, events_pb2.FeedbackRecord.FromString,
+                       lambda r: r.event.event_id.startswith(prefix), want=total, timeout_s=60)
+    with sqlite3.connect(config.dataset_path) as db:
+        in_dataset = [e for (e,) in db.execute("SELECT event_id FROM feedback WHERE event_id LIKE ?", (f"{prefix}-%",))]
+        comparisons = [json_sources for (json_sources,) in db.execute(
+            "SELECT sources FROM comparisons WHERE sources LIKE ?", (f'%"{prefix}-%',))]
+        demos = [s for (s,) in db.execute("SELECT source FROM demonstrations WHERE source LIKE ?", (f"{prefix}-%",))]
+    assert sorted({r.event.event_id for r in on_topic}) == sorted(in_dataset)
+    assert len(in_dataset) == len(set(in_dataset)) == total
+    assert len(comparisons) == len(produced_rankings)  # each ranking became one comparison, once
+    assert sorted(demos) == sorted(produced_demos)  # each demonstration once
+    assert log_path.read_text(errors="replace").count("serving rlhf.v1.TrainerService") == 6  # 5 restarts
+
+
+def test_redis_down_for_a_while_loses_no_feedback(tmp_path, kafka_bootstrap, base_model, private_redis):
+    """Feedback streamed through the feedback service while its Redis is stopped and restarted: no service fails,
+    and the trainer's dataset gets every acknowledged event."""
+    from rlhf.feedback.config import FeedbackConfig
+    from rlhf.feedback.servicer import FeedbackComponent
+    from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
+    from support.trainer_records import demonstration
+
+    prefix = f"redis-{uuid.uuid4().hex[:6]}"
+    feedback_config = FeedbackConfig(host="127.0.0.1", port=0, metrics_port=-1, health_interval_s=0.3,
+                                     bus_url=f"kafka://{kafka_bootstrap}", cache_url=private_redis.url)
+    config = trainer_config(tmp_path, kafka_bootstrap, base_model, cache_url=private_redis.url)
+    acked: list[str] = []
+    with trainer(config) as (_, stub, component), \
+            HostThread(lambda: ServiceHost(feedback_config, [FeedbackComponent(feedback_config)])) as fb_host:
+        feedback = feedback_pb2_grpc.FeedbackServiceStub(fb_host.channel())
+
+        def submit(phase: str, n: int = 40) -> None:
+            events = [demonstration(f"{prefix}-{phase}-{i}", "fix a tap", f"turn the water off ({phase} {i})")
+                      for i in range(n)]
+            replies = [a for r in feedback.SubmitStream(iter([feedback_pb2.SubmitStreamRequest(events=events)]),
+                                                        timeout=60) for a in r.acks]
+            assert {a.status for a in replies} == {feedback_pb2.SUBMIT_STATUS_ACCEPTED}, replies[:2]
+            acked.extend(a.event_id for a in replies)
+
+        submit("before")
+        private_redis.stop()
+        submit("down")
+        time.sleep(1.0)
+        assert stub.GetStatus(trainer_pb2.GetStatusRequest()).consuming
+        private_redis.start()
+        submit("after")
+        wait_for(lambda: len(stored_events(component, prefix)) == 120, what="all 120 acknowledged events stored")
+        assert sorted(stored_events(component, prefix)) == sorted(acked)
+        assert set(stored_events(component, prefix).values()) == {"used"}
