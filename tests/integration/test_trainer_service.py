@@ -124,8 +124,13 @@ def collect(kafka_bootstrap: str, topic: str, parse, keep, want: int, timeout_s:
     def stop() -> bool:
         return len(found) >= want
 
+    from google.protobuf.message import DecodeError
+
     for _, value in read_topic(kafka_bootstrap, topic, stop, timeout_s, settle_s=0.5, since_s=SESSION_START_S):
-        record = parse(value)
+        try:
+            record = parse(value)
+        except DecodeError:  # another test's deliberately unparsable record
+            continue
         if keep(record):
             found.append(record)
     return found

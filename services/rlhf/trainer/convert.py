@@ -17,6 +17,7 @@ reason that goes with it to the dead-letter topic.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -45,10 +46,10 @@ class Prompt:
     text: str
     messages: tuple[tuple[str, str], ...] = ()
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """Equal for equal prompts (a plain prompt and a conversation never collide)."""
-        raw = json.dumps(["messages", self.messages] if self.messages else ["prompt", self.text])
+        raw = "m" + json.dumps(self.messages) if self.messages else "p" + self.text
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -114,6 +115,13 @@ def kind_of(event: feedback_pb2.FeedbackEvent) -> str:
     return kind
 
 
+def demonstration_of(event: feedback_pb2.FeedbackEvent) -> Demonstration:
+    """A demonstration event as supervised data."""
+    demo = event.demonstration
+    messages = tuple((m.role, m.content) for m in demo.messages.messages)
+    return Demonstration(Prompt("" if messages else demo.prompt, messages), demo.response, event.event_id)
+
+
 def response_of(served: events_pb2.ServedResponse) -> Response:
     """The stored form of a served response. A plain-prompt response without ``input_prompt`` (recorded before the
     field existed) keeps the formatted prompt as its text."""
@@ -161,11 +169,11 @@ def _rating_value(rating: feedback_pb2.Rating) -> float:
 
 
 def convert(event: feedback_pb2.FeedbackEvent, responses: Mapping[str, Response],
-            earlier_ratings: Sequence[RatingValue] = ()) -> Derived:
-    """What ``event`` becomes, given every response it needs (``needed_responses``) and, for a rating, the earlier
-    ratings of responses to the same prompt. Raises :class:`Unusable`."""
+            earlier_ratings: Sequence[RatingValue] = (), needed_ids: Sequence[str] | None = None) -> Derived:
+    """What ``event`` becomes, given every response it needs (``needed_responses``, passed as ``needed_ids`` when
+    known) and, for a rating, the earlier ratings of responses to the same prompt. Raises :class:`Unusable`."""
     kind = kind_of(event)
-    needed = [responses[r] for r in needed_responses(event)]
+    needed = [responses[r] for r in (needed_responses(event) if needed_ids is None else needed_ids)]
     eid = event.event_id
     if kind == "rating":
         response = needed[0]
@@ -188,10 +196,7 @@ def convert(event: feedback_pb2.FeedbackEvent, responses: Mapping[str, Response]
             raise Unusable("the ranking orders responses with the same text")
         return Derived(comparisons=(Comparison(prompt, tuple(r.text for r in needed), (eid,)),))
     if kind == "demonstration":
-        demo = event.demonstration
-        messages = tuple((m.role, m.content) for m in demo.messages.messages)
-        prompt = Prompt("" if messages else demo.prompt, messages)
-        return Derived(demonstrations=(Demonstration(prompt, demo.response, eid),))
+        return Derived(demonstrations=(demonstration_of(event),))
     # edit
     original = needed[0]
     edited = event.edit.edited_text

@@ -35,7 +35,7 @@ from rlhf.bus import topics
 from rlhf.bus.base import Message, TopicPartition
 from rlhf.trainer import convert
 from rlhf.trainer.convert import Comparison, Demonstration, Prompt, RatingValue, Response, Unusable
-from rlhf.v1 import events_pb2
+from rlhf.v1 import events_pb2, feedback_pb2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS offsets(topic TEXT, partition INTEGER, next_offset INTEGER, PRIMARY KEY(topic, partition));
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS responses(response_id TEXT PRIMARY KEY, prompt TEXT, 
     text TEXT, policy_version TEXT, stored_at REAL);
 CREATE TABLE IF NOT EXISTS feedback(event_id TEXT PRIMARY KEY, kind TEXT, state TEXT, payload BLOB, stored_at REAL,
     topic TEXT, partition INTEGER, "offset" INTEGER, reason TEXT);
-CREATE INDEX IF NOT EXISTS feedback_state ON feedback(state, stored_at);
+CREATE INDEX IF NOT EXISTS feedback_pending ON feedback(stored_at) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS waiting(response_id TEXT, event_id TEXT, PRIMARY KEY(response_id, event_id));
 CREATE TABLE IF NOT EXISTS ratings(event_id TEXT PRIMARY KEY, response_id TEXT, prompt_key TEXT, value REAL, text TEXT);
 CREATE INDEX IF NOT EXISTS ratings_prompt ON ratings(prompt_key);
@@ -92,6 +92,85 @@ def reason_class(reason: str) -> str:
         if needle in reason:
             return label
     return "unusable"
+
+
+_CHUNK = 500  # host parameters per IN (...) query (SQLite allows 32766 since 3.32; small chunks stay fast)
+
+
+def _chunks(items: Sequence[str]) -> Iterator[list[str]]:
+    for i in range(0, len(items), _CHUNK):
+        yield list(items[i:i + _CHUNK])
+
+
+def _existing(db: sqlite3.Connection, table: str, column: str, ids: Sequence[str]) -> list[str]:
+    found: list[str] = []
+    for chunk in _chunks(ids):
+        marks = ",".join("?" * len(chunk))
+        found += [v for (v,) in db.execute(f"SELECT {column} FROM {table} WHERE {column} IN ({marks})", chunk)]
+    return found
+
+
+def _messages_json(prompt: Prompt) -> str:
+    return json.dumps(prompt.messages) if prompt.messages else "[]"
+
+
+def _letter(event_id: str, payload: bytes, topic: str, partition: int, offset: int, reason: str) -> bytes:
+    letter = events_pb2.DeadLetter(event_id=event_id, source_topic=topic, source_partition=partition,
+                                   source_offset=offset, payload=payload, reason=reason)
+    letter.at.GetCurrentTime()
+    return letter.SerializeToString()
+
+
+class _Rows:
+    """The rows of one transaction, by table, written at its end with one executemany each."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.responses: dict[str, Response] = {}  # stored in this batch
+        self.known: dict[str, Response] = {}  # stored before, looked up for this batch
+        self.feedback: list[tuple] = []
+        self.waiting: list[tuple[str, str]] = []
+        self.ratings: list[RatingValue] = []
+        self.comparisons: list[tuple] = []
+        self.demonstrations: list[tuple] = []
+        self.outbox: list[tuple[str, bytes]] = []
+
+    def response(self, response_id: str) -> Response | None:
+        return self.responses.get(response_id) or self.known.get(response_id)
+
+    def feedback_row(self, event_id: str, kind: str, state: str, m: Message, reason: str = "") -> None:
+        self.feedback.append((event_id, kind, state, m.value, self.now, m.topic, m.partition, m.offset, reason))
+
+    def outbox_letter(self, event_id: str, payload: bytes, topic: str, partition: int, offset: int, reason: str,
+                      out: StoreOutcome) -> None:
+        self.outbox.append((event_id or f"{topic}:{partition}:{offset}",
+                            _letter(event_id, payload, topic, partition, offset, reason)))
+        out.dead[reason_class(reason)] += 1
+
+    def dead_letter(self, event_id: str, m: Message, reason: str, out: StoreOutcome) -> None:
+        """A record that is not even a readable event: only its dead letter is kept."""
+        self.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, reason, out)
+
+    def write(self, db: sqlite3.Connection) -> None:
+        if self.responses:
+            db.executemany("INSERT OR IGNORE INTO responses VALUES(?,?,?,?,?,?,?)", [
+                (r.response_id, r.prompt.text, _messages_json(r.prompt), r.prompt.key, r.text, r.policy_version,
+                 self.now) for r in self.responses.values()])
+        if self.feedback:
+            db.executemany("INSERT OR IGNORE INTO feedback VALUES(?,?,?,?,?,?,?,?,?)", self.feedback)
+        if self.waiting:
+            db.executemany("INSERT OR IGNORE INTO waiting VALUES(?,?)", self.waiting)
+        if self.ratings:
+            db.executemany("INSERT OR IGNORE INTO ratings VALUES(?,?,?,?,?)",
+                           [(r.event_id, r.response_id, r.prompt_key, r.value, r.text) for r in self.ratings])
+        if self.comparisons:
+            db.executemany("INSERT INTO comparisons(prompt, messages, responses, margin, sources, heldout) "
+                           "VALUES(?,?,?,?,?,?)", self.comparisons)
+        if self.demonstrations:
+            db.executemany("INSERT INTO demonstrations(prompt, messages, response, source) VALUES(?,?,?,?)",
+                           self.demonstrations)
+        if self.outbox:
+            db.executemany("INSERT INTO outbox(event_id, payload) VALUES(?,?)", self.outbox)
 
 
 class Dataset:
@@ -162,7 +241,8 @@ class Dataset:
     # ------------------------------------------------------------------------------------------ storing
 
     def store(self, messages: Sequence[Message], now: float | None = None) -> StoreOutcome:
-        """Steps 1-4 of the module docstring, in one transaction."""
+        """Steps 1-4 of the module docstring, in one transaction. Rows are gathered per table and written with one
+        ``executemany`` each, and lookups are one query per batch, not per record."""
         now = time.time() if now is None else now
         out = StoreOutcome()
         known = self.stored_offsets()
@@ -172,19 +252,20 @@ class Dataset:
         highest: dict[TopicPartition, int] = {}
         for m in messages:
             tp = (m.topic, m.partition)
-            highest[tp] = max(highest.get(tp, -1), m.offset)
+            if m.offset > highest.get(tp, -1):
+                highest[tp] = m.offset
+        rows = _Rows(now)
         with self._tx() as db:
-            arrived: list[str] = []
-            for m in fresh:
-                out.consumed[m.topic] += 1
-                if m.topic == topics.RESPONSES:
-                    response_id = self._store_response(db, m, now, out)  # 2.
-                    if response_id:
-                        arrived.append(response_id)
-                elif m.topic == topics.FEEDBACK:
-                    self._store_feedback(db, m, now, out)  # 3.
+            responses = [m for m in fresh if m.topic == topics.RESPONSES]
+            feedback = [m for m in fresh if m.topic == topics.FEEDBACK]
+            for topic, batch in ((topics.RESPONSES, responses), (topics.FEEDBACK, feedback)):
+                if batch:
+                    out.consumed[topic] += len(batch)
+            arrived = self._store_responses(db, responses, rows, out)  # 2.
+            self._store_feedback(db, feedback, rows, out)  # 3.
             if arrived:
-                self._resolve_waiting(db, arrived, out)
+                self._resolve_waiting(db, arrived, rows, out)
+            rows.write(db)
             new_offsets = {tp: o + 1 for tp, o in highest.items() if o + 1 > known.get(tp, 0)}
             db.executemany(  # 4.
                 "INSERT INTO offsets VALUES(?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET "
@@ -193,110 +274,136 @@ class Dataset:
         with self._offsets_lock:
             for tp, o in new_offsets.items():
                 self._offsets[tp] = max(self._offsets.get(tp, 0), o)
+        out.comparisons, out.demonstrations = len(rows.comparisons), len(rows.demonstrations)
         return out
 
-    def _store_response(self, db: sqlite3.Connection, m: Message, now: float, out: StoreOutcome) -> str | None:
-        try:
-            served = events_pb2.ServedResponse.FromString(m.value)
-        except DecodeError:
-            self._dead_letter(db, "", m, "cannot parse the record as rlhf.v1.ServedResponse", out)
-            return None
-        if not served.response_id:
-            self._dead_letter(db, "", m, "the served response has no response_id", out)
-            return None
-        r = convert.response_of(served)
-        cursor = db.execute(
-            "INSERT OR IGNORE INTO responses VALUES(?,?,?,?,?,?,?)",
-            (r.response_id, r.prompt.text, json.dumps(r.prompt.messages), r.prompt.key, r.text, r.policy_version, now))
-        if cursor.rowcount == 0:
-            out.duplicates["response"] += 1
-            return None
-        out.stored["response"] += 1
-        return r.response_id
+    def _store_responses(self, db: sqlite3.Connection, messages: Sequence[Message], rows: _Rows,
+                         out: StoreOutcome) -> list[str]:
+        """2.: the responses not stored before (by response_id); returns their ids."""
+        parsed: dict[str, Response] = {}
+        for m in messages:
+            try:
+                served = events_pb2.ServedResponse.FromString(m.value)
+            except DecodeError:
+                rows.dead_letter("", m, "cannot parse the record as rlhf.v1.ServedResponse", out)
+                continue
+            if not served.response_id:
+                rows.dead_letter("", m, "the served response has no response_id", out)
+                continue
+            if served.response_id in parsed or served.response_id in rows.responses:
+                out.duplicates["response"] += 1
+                continue
+            parsed[served.response_id] = convert.response_of(served)
+        existing = _existing(db, "responses", "response_id", list(parsed))
+        for rid in existing:
+            del parsed[rid]
+        if existing:
+            out.duplicates["response"] += len(existing)
+        if parsed:
+            out.stored["response"] += len(parsed)
+        rows.responses.update(parsed)
+        return list(parsed)
 
-    def _store_feedback(self, db: sqlite3.Connection, m: Message, now: float, out: StoreOutcome) -> None:
-        try:
-            record = events_pb2.FeedbackRecord.FromString(m.value)
-        except DecodeError:
-            self._dead_letter(db, "", m, "cannot parse the record as rlhf.v1.FeedbackRecord", out)
-            return
-        event = record.event
-        kind = event.WhichOneof("kind") or "none"
-        if not event.event_id:
-            self._dead_letter(db, "", m, "the feedback event has no event_id", out)
-            return
-        cursor = db.execute(
-            "INSERT OR IGNORE INTO feedback VALUES(?,?,?,?,?,?,?,?,?)",
-            (event.event_id, kind, PENDING, m.value, now, m.topic, m.partition, m.offset, ""))
-        if cursor.rowcount == 0:
-            out.duplicates[kind] += 1
-            return
-        out.stored[kind] += 1
-        try:
-            needed = convert.needed_responses(event)
-        except Unusable as e:
-            self._kill(db, event.event_id, m.value, m.topic, m.partition, m.offset, e.reason, out)
-            return
-        missing = self._missing(db, needed)
-        if missing:
-            db.executemany("INSERT OR IGNORE INTO waiting VALUES(?,?)", [(r, event.event_id) for r in missing])
-            return
-        self._convert(db, event, m.value, (m.topic, m.partition, m.offset), out)
-
-    def _missing(self, db: sqlite3.Connection, response_ids: Sequence[str]) -> list[str]:
-        if not response_ids:
-            return []
-        marks = ",".join("?" * len(response_ids))
-        have = {r for (r,) in db.execute(f"SELECT response_id FROM responses WHERE response_id IN ({marks})",
-                                         list(response_ids))}
-        return [r for r in dict.fromkeys(response_ids) if r not in have]
+    def _store_feedback(self, db: sqlite3.Connection, messages: Sequence[Message], rows: _Rows,
+                        out: StoreOutcome) -> None:
+        """3.: events not stored before (by event_id), converted when their responses are all stored."""
+        records: list[tuple[Message, events_pb2.FeedbackRecord]] = []
+        seen: set[str] = set()
+        for m in messages:
+            try:
+                record = events_pb2.FeedbackRecord.FromString(m.value)
+            except DecodeError:
+                rows.dead_letter("", m, "cannot parse the record as rlhf.v1.FeedbackRecord", out)
+                continue
+            event_id = record.event.event_id
+            if not event_id:
+                rows.dead_letter("", m, "the feedback event has no event_id", out)
+                continue
+            if event_id in seen:
+                out.duplicates[record.event.WhichOneof("kind") or "none"] += 1
+                continue
+            seen.add(event_id)
+            records.append((m, record))
+        existing = set(_existing(db, "feedback", "event_id", list(seen)))
+        stored, duplicates = collections.Counter(), collections.Counter()
+        waiting: list[tuple[Message, feedback_pb2.FeedbackEvent, str, tuple[str, ...]]] = []
+        for m, record in records:
+            event = record.event
+            event_id, kind = event.event_id, event.WhichOneof("kind") or "none"
+            if event_id in existing:
+                duplicates[kind] += 1
+                continue
+            stored[kind] += 1
+            if kind == "demonstration":  # needs no response: converted at once (most of a busy stream)
+                d = convert.demonstration_of(event)
+                rows.demonstrations.append((d.prompt.text, _messages_json(d.prompt), d.response, d.source))
+                rows.feedback_row(event_id, kind, USED, m)
+                continue
+            try:
+                waiting.append((m, event, kind, convert.needed_responses(event)))
+            except Unusable as e:
+                rows.feedback_row(event_id, kind, DEAD, m, e.reason)
+                rows.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, e.reason, out)
+        out.stored.update(stored)
+        out.duplicates.update(duplicates)
+        wanted = {r for *_, ids in waiting for r in ids if r not in rows.responses}
+        rows.known.update(self._responses(db, list(wanted)))
+        for m, event, kind, needed in waiting:
+            missing = [r for r in dict.fromkeys(needed) if rows.response(r) is None]
+            if missing:
+                rows.feedback_row(event.event_id, kind, PENDING, m)
+                rows.waiting.extend((r, event.event_id) for r in missing)
+                continue
+            state, reason = self._convert(db, event, rows, out, needed)
+            rows.feedback_row(event.event_id, kind, state, m, reason)
+            if state == DEAD:
+                rows.outbox_letter(event.event_id, m.value, m.topic, m.partition, m.offset, reason, out)
 
     def _responses(self, db: sqlite3.Connection, response_ids: Sequence[str]) -> dict[str, Response]:
-        marks = ",".join("?" * len(response_ids))
-        rows = db.execute(f"SELECT response_id, prompt, messages, text, policy_version FROM responses "
-                          f"WHERE response_id IN ({marks})", list(response_ids))
-        return {rid: Response(rid, Prompt(p, tuple(tuple(x) for x in json.loads(msgs))), text, version)
-                for rid, p, msgs, text, version in rows}
+        out: dict[str, Response] = {}
+        for chunk in _chunks(response_ids):
+            marks = ",".join("?" * len(chunk))
+            for rid, p, msgs, text, version in db.execute(
+                    f"SELECT response_id, prompt, messages, text, policy_version FROM responses "
+                    f"WHERE response_id IN ({marks})", chunk):
+                out[rid] = Response(rid, Prompt(p, tuple(tuple(x) for x in json.loads(msgs))), text, version)
+        return out
 
-    def _convert(self, db: sqlite3.Connection, event, payload: bytes, source: tuple[str, int, int],
-                 out: StoreOutcome) -> None:
-        needed = convert.needed_responses(event)
-        responses = self._responses(db, needed) if needed else {}
+    def _convert(self, db: sqlite3.Connection, event, rows: _Rows, out: StoreOutcome,
+                 needed: Sequence[str] | None = None) -> tuple[str, str]:
+        """An event whose responses are all stored: its derived rows; (state, dead-letter reason)."""
+        needed = convert.needed_responses(event) if needed is None else needed
+        responses = {r: rows.response(r) for r in needed}
         earlier: list[RatingValue] = []
         if event.WhichOneof("kind") == "rating" and needed:
             key = responses[needed[0]].prompt.key
             earlier = [RatingValue(*row) for row in db.execute(
                 "SELECT event_id, response_id, prompt_key, value, text FROM ratings WHERE prompt_key=?", (key,))]
+            earlier += [r for r in rows.ratings if r.prompt_key == key]
         try:
-            derived = convert.convert(event, responses, earlier)
+            derived = convert.convert(event, responses, earlier, needed)
         except Unusable as e:
-            self._kill(db, event.event_id, payload, *source, e.reason, out)
-            return
+            return DEAD, e.reason
         if derived.rating is not None:
-            r = derived.rating
-            db.execute("INSERT OR IGNORE INTO ratings VALUES(?,?,?,?,?)",
-                       (r.event_id, r.response_id, r.prompt_key, r.value, r.text))
+            rows.ratings.append(derived.rating)
         for c in derived.comparisons:
-            if len(set(c.responses)) < len(c.responses):
-                continue  # two responses with the same text: nothing to learn
-            db.execute("INSERT INTO comparisons(prompt, messages, responses, margin, sources, heldout) "
-                       "VALUES(?,?,?,?,?,?)",
-                       (c.prompt.text, json.dumps(c.prompt.messages), json.dumps(c.responses), c.margin,
-                        json.dumps(c.sources), int(convert.heldout(c.sources, self.heldout_share))))
-            out.comparisons += 1
+            if len(set(c.responses)) == len(c.responses):  # two responses with the same text teach nothing
+                rows.comparisons.append((c.prompt.text, _messages_json(c.prompt), json.dumps(c.responses), c.margin,
+                                         json.dumps(c.sources), int(convert.heldout(c.sources, self.heldout_share))))
         for d in derived.demonstrations:
-            db.execute("INSERT INTO demonstrations(prompt, messages, response, source) VALUES(?,?,?,?)",
-                       (d.prompt.text, json.dumps(d.prompt.messages), d.response, d.source))
-            out.demonstrations += 1
-        db.execute("UPDATE feedback SET state=? WHERE event_id=?", (USED, event.event_id))
+            rows.demonstrations.append((d.prompt.text, _messages_json(d.prompt), d.response, d.source))
+        return USED, ""
 
-    def _resolve_waiting(self, db: sqlite3.Connection, arrived: Sequence[str], out: StoreOutcome) -> None:
+    def _resolve_waiting(self, db: sqlite3.Connection, arrived: Sequence[str], rows: _Rows,
+                         out: StoreOutcome) -> None:
         """Feedback that waited for responses that have now arrived is converted, once nothing it needs is missing."""
-        marks = ",".join("?" * len(arrived))
-        events = [e for (e,) in db.execute(
-            f"SELECT DISTINCT event_id FROM waiting WHERE response_id IN ({marks})", list(arrived))]
-        db.execute(f"DELETE FROM waiting WHERE response_id IN ({marks})", list(arrived))
-        for event_id in events:
+        events: list[str] = []
+        for chunk in _chunks(arrived):
+            marks = ",".join("?" * len(chunk))
+            events += [e for (e,) in db.execute(f"SELECT DISTINCT event_id FROM waiting WHERE response_id IN ({marks})",
+                                                chunk)]
+            db.execute(f"DELETE FROM waiting WHERE response_id IN ({marks})", chunk)
+        for event_id in dict.fromkeys(events):
             if db.execute("SELECT 1 FROM waiting WHERE event_id=? LIMIT 1", (event_id,)).fetchone():
                 continue  # still waits for another response
             row = db.execute("SELECT payload, topic, partition, \"offset\" FROM feedback WHERE event_id=? AND state=?",
@@ -305,27 +412,18 @@ class Dataset:
                 continue
             payload, topic, partition, offset = row
             event = events_pb2.FeedbackRecord.FromString(payload).event
-            self._convert(db, event, payload, (topic, partition, offset), out)
+            state, reason = self._convert(db, event, rows, out)
+            db.execute("UPDATE feedback SET state=?, reason=? WHERE event_id=?", (state, reason, event_id))
+            if state == DEAD:
+                rows.outbox_letter(event_id, payload, topic, partition, offset, reason, out)
 
     def _kill(self, db: sqlite3.Connection, event_id: str, payload: bytes, topic: str, partition: int, offset: int,
               reason: str, out: StoreOutcome) -> None:
         db.execute("UPDATE feedback SET state=?, reason=? WHERE event_id=?", (DEAD, reason, event_id))
         db.execute("DELETE FROM waiting WHERE event_id=?", (event_id,))
-        self._outbox(db, event_id, payload, topic, partition, offset, reason)
-        out.dead[reason_class(reason)] += 1
-
-    def _dead_letter(self, db: sqlite3.Connection, event_id: str, m: Message, reason: str, out: StoreOutcome) -> None:
-        """A record that is not even a readable event: only its dead letter is kept."""
-        self._outbox(db, event_id, m.value, m.topic, m.partition, m.offset, reason)
-        out.dead[reason_class(reason)] += 1
-
-    def _outbox(self, db: sqlite3.Connection, event_id: str, payload: bytes, topic: str, partition: int, offset: int,
-                reason: str) -> None:
-        letter = events_pb2.DeadLetter(event_id=event_id, source_topic=topic, source_partition=partition,
-                                       source_offset=offset, payload=payload, reason=reason)
-        letter.at.GetCurrentTime()
         db.execute("INSERT INTO outbox(event_id, payload) VALUES(?,?)",
-                   (event_id or f"{topic}:{partition}:{offset}", letter.SerializeToString()))
+                   (event_id, _letter(event_id, payload, topic, partition, offset, reason)))
+        out.dead[reason_class(reason)] += 1
 
     def expire(self, now: float | None = None) -> StoreOutcome:
         """Feedback that waited longer than ``join_timeout_s`` for its responses goes to the dead-letter outbox."""
@@ -333,7 +431,7 @@ class Dataset:
         out = StoreOutcome()
         with self._tx() as db:
             rows = db.execute("SELECT event_id, payload, topic, partition, \"offset\" FROM feedback "
-                              "WHERE state=? AND stored_at < ?", (PENDING, now - self.join_timeout_s)).fetchall()
+                              "WHERE state = 'pending' AND stored_at < ?", (now - self.join_timeout_s,)).fetchall()
             for event_id, payload, topic, partition, offset in rows:
                 missing = [r for (r,) in db.execute("SELECT response_id FROM waiting WHERE event_id=?", (event_id,))]
                 reason = (f"responses {', '.join(missing)} not seen on {topics.RESPONSES} within "

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""What the trainer's durable consumption costs: records stored per second into its dataset (parse, deduplicate,
+join, convert, offsets in the same SQLite transaction) against a raw kafka-python consumer reading the same records
+of the same topics, in the same run; and reward-model retraining time per 1,000 comparisons.
+
+    python deploy/local/infra.py up && eval "$(python deploy/local/infra.py env)"
+    python benchmarks/trainer_consume.py --records 30000 --repeats 3
+    python benchmarks/trainer_consume.py --skip-consume --rm-comparisons 500,1000    # the training part only
+
+The records are written once (served responses, rankings of two of them, and demonstrations, in the proportions
+1 : 1 : 1) to rlhf.responses.v1 and rlhf.feedback.v1; each repeat then reads exactly that range:
+* ``raw``: ``kafka.KafkaConsumer`` assigned to the partitions, seeking to the range's start, polling until it has
+  every record (it parses nothing and stores nothing: the floor of reading);
+* ``trainer``: the trainer's ``FeedbackConsumer`` (a group member with its rebalance listener) over a new dataset whose
+  start offsets are the range's start, until the dataset holds every record.
+Repeats alternate (raw, trainer, ...); medians are reported. Goal: trainer >= 0.8x of raw.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def produce(bus, n: int) -> dict:
+    """n records (a third each: served responses, rankings, demonstrations); returns the start offsets."""
+    from rlhf.bus import topics
+    from support.trainer_records import demonstration, feedback_record, ranking, served
+
+    consumer = bus.consumer([topics.RESPONSES, topics.FEEDBACK], f"bench-probe-{uuid.uuid4().hex[:6]}")
+    parts = {topic: range(len_partitions(bus, topic)) for topic in (topics.RESPONSES, topics.FEEDBACK)}
+    starts = consumer.end_offsets([(t, p) for t, ps in parts.items() for p in ps])
+    consumer.close()
+    run = uuid.uuid4().hex[:6]
+    third = n // 3
+    responses = [served(f"b{run}-r{i}", f"prompt {i // 2}", f"answer {i}") for i in range(third)]
+    events = [ranking(f"b{run}-k{i}", f"b{run}-r{2 * i}", f"b{run}-r{2 * i + 1}") for i in range(third // 2)]
+    events += [demonstration(f"b{run}-d{i}", f"prompt {i}", f"the ideal answer {i}") for i in range(n - 2 * third
+                                                                                                    + third // 2)]
+    for topic, records in ((topics.RESPONSES, [(r.SerializeToString(), r.response_id.encode()) for r in responses]),
+                           (topics.FEEDBACK, [(feedback_record(e).SerializeToString(), e.event_id.encode())
+                                              for e in events])):
+        for i in range(0, len(records), 5000):
+            outcomes = bus.send_batch(topic, records[i:i + 5000]).result(120)
+            assert not [o for o in outcomes if isinstance(o, Exception)]
+    return {"starts": starts, "records": len(responses) + len(events)}
+
+
+def len_partitions(bus, topic: str) -> int:
+    from kafka import KafkaConsumer
+
+    c = KafkaConsumer(bootstrap_servers=bus.config.bootstrap_servers)
+    try:
+        return len(c.partitions_for_topic(topic) or ())
+    finally:
+        c.close()
+
+
+def raw(bootstrap: str, starts: dict, n: int) -> float:
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tps = {TopicPartition(t, p): o for (t, p), o in starts.items()}
+    c.assign(list(tps))
+    for tp, o in tps.items():
+        c.seek(tp, o)
+    got = 0
+    started = time.perf_counter()
+    while got < n:
+        for records in c.poll(timeout_ms=500, max_records=2000).values():
+            got += len(records)
+    elapsed = time.perf_counter() - started
+    c.close()
+    return elapsed
+
+
+def trainer(bus, starts: dict, n: int, workdir: str) -> float:
+    from rlhf.trainer.consume import FeedbackConsumer
+    from rlhf.trainer.dataset import Dataset
+
+    dataset = Dataset(os.path.join(workdir, f"bench-{uuid.uuid4().hex[:6]}.sqlite"))
+    dataset.mark_start(dict(starts))
+    consumer = FeedbackConsumer(bus, dataset, group=f"bench-trainer-{uuid.uuid4().hex[:6]}", max_records=2000,
+                                housekeeping_s=60)
+    started = time.perf_counter()
+    consumer.start()
+    while sum(consumer.consumed.values()) < n:
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    consumer.stop()
+    sizes = dataset.sizes()
+    assert sizes["responses"] >= n // 3 and sizes.get("feedback_used", 0) >= n - n // 3 - 1, sizes
+    dataset.close()
+    return elapsed
+
+
+def retraining(per: list[int], workdir: str) -> list[dict]:
+    """Seconds to train a reward model (from a small causal LM, the trainer's settings) on N comparisons."""
+    import torch
+
+    from rlhf.core.models import build_causal_lm, build_reward_model
+    from rlhf.core.reward_training import RewardTrainer, RewardTrainingConfig
+    from rlhf.core.tokenizer import TokenizerConfig, train_tokenizer
+    from rlhf.sim import world_texts
+    from support.trainer_records import simulated_rankings
+
+    torch.set_num_threads(1)
+    tokenizer = train_tokenizer(world_texts(), TokenizerConfig(kind="word"))
+    out = []
+    for n in per:
+        from rlhf.trainer.convert import Prompt, Comparison
+        from rlhf.trainer.dataset import StoredComparison
+        from rlhf.trainer.reward import as_ranking
+
+        responses, events = simulated_rankings(n, k=2, seed=n)
+        texts = {r.response_id: (r.input_prompt, r.text) for r in responses}
+        rankings = [as_ranking(StoredComparison(i, Comparison(Prompt(texts[e.ranking.response_ids[0]][0]),
+                                                              tuple(texts[r][1] for r in e.ranking.response_ids),
+                                                              (e.event_id,)), False)) for i, e in enumerate(events)]
+        model = build_reward_model(build_causal_lm(tokenizer, "small", seed=0), tokenizer, seed=0)
+        started = time.perf_counter()
+        RewardTrainer(model, RewardTrainingConfig(num_epochs=2.0, batch_size=16)).train(rankings, progress=False)
+        seconds = time.perf_counter() - started
+        out.append({"comparisons": n, "seconds": seconds, "seconds_per_1000": seconds * 1000 / n})
+        print(f"reward model, 'small' size, 2 epochs, {n} pairs: {seconds:.1f} s ({seconds * 1000 / n:.1f} s / 1000)")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=30000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rm-comparisons", default="1000", help="comma-separated sizes for the retraining timing")
+    parser.add_argument("--skip-consume", action="store_true")
+    parser.add_argument("--out", default="out/bench/trainer_consume.json")
+    args = parser.parse_args()
+    from rlhf.bus import topics
+    from rlhf.bus.kafka import KafkaBus, KafkaConfig
+
+    bootstrap = os.environ.get("RLHF_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
+    workdir = tempfile.mkdtemp(prefix="bench-trainer-")
+    result: dict = {"records": args.records, "load_before": os.getloadavg()}
+    if not args.skip_consume:
+        bus = KafkaBus(KafkaConfig(bootstrap_servers=bootstrap))
+        bus.ensure_topics(topics.platform_topics(partitions=3))
+        written = produce(bus, args.records)
+        n = written["records"]
+        raws, trainers = [], []
+        for _ in range(args.repeats):
+            raws.append(n / raw(bootstrap, written["starts"], n))
+            trainers.append(n / trainer(bus, written["starts"], n, workdir))
+            print(f"raw {raws[-1]:9.0f} records/s   trainer {trainers[-1]:9.0f} records/s")
+        bus.close(10)
+        result.update({"raw_records_per_s": statistics.median(raws), "trainer_records_per_s": statistics.median(trainers),
+                       "ratio": statistics.median(trainers) / statistics.median(raws), "runs": {"raw": raws,
+                                                                                                "trainer": trainers}})
+        print(f"median: raw {result['raw_records_per_s']:.0f}, trainer {result['trainer_records_per_s']:.0f} "
+              f"records/s, ratio {result['ratio']:.2f}")
+    result["retraining"] = retraining([int(x) for x in args.rm_comparisons.split(",")], workdir)
+    result["load_after"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
