@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from policy_common import PROMPTS, free_port, machine, median, service_process, write_result  # noqa: F401
+from policy_common import PROMPTS, machine, median, service_process, write_result
 from rlhf.core.models import Manifest, build_reward_model, load_causal_lm, load_reward_model, save_artifact
 from rlhf.core.tokenizer import format_prompt
 from rlhf.v1 import reward_pb2, reward_pb2_grpc

@@ -270,6 +270,21 @@ def prometheus(infra: Infra) -> Prometheus:
     return Prometheus(url, Path(targets))
 
 
+# --------------------------------------------------------------------------------------------- torch
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module's tiny models (faster on a shared 2-core machine, see INFRA-NOTES);
+    a module enables it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------- names
 
 

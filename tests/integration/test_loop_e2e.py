@@ -8,10 +8,8 @@ import contextlib
 import os
 import random
 import socket
-import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from rlhf.v1 import (
     common_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc, trainer_pb2,
     trainer_pb2_grpc,
 )
+from support import waiting
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -83,19 +82,7 @@ def processes(commands: dict[str, list[str]], logs: Path):
 
 
 def wait_for(predicate, timeout: float, what: str, procs=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for name, proc in (procs or {}).items():
-            if proc.poll() is not None:
-                raise AssertionError(f"{name} exited with {proc.returncode} while waiting for {what}")
-        try:
-            value = predicate()
-        except grpc.RpcError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"{what} did not happen within {timeout}s")
+    return waiting.wait_for(predicate, timeout, what, interval=0.3, processes=procs, tolerate_rpc_errors=True)
 
 
 def serving(channel: grpc.Channel) -> bool:
@@ -186,8 +173,6 @@ def direct_accuracy(dataset_path: Path, base: Path, comparisons: int) -> float:
     from rlhf.trainer.dataset import Dataset
     from rlhf.trainer.reward import as_ranking, heldout_accuracy
 
-    with sqlite3.connect(dataset_path):
-        pass
     stored = Dataset(str(dataset_path)).comparisons()[:comparisons]
     train = [as_ranking(s) for s in stored if not s.heldout]
     held = [as_ranking(s) for s in stored if s.heldout]

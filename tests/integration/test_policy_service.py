@@ -16,7 +16,6 @@ import uuid
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf import keys
@@ -36,7 +35,7 @@ from support.hosting import HostThread
 from support.load import generate_in_a_loop
 from support.kafka_read import read_topic
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -47,14 +46,6 @@ CONTEXT = 512
 
 
 # --------------------------------------------------------------------------------------------- models and services
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

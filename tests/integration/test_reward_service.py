@@ -30,9 +30,10 @@ from rlhf.reward.servicer import RewardComponent
 from rlhf.serving.server import ServiceHost
 from rlhf.v1 import common_pb2, events_pb2, reward_pb2, reward_pb2_grpc
 from support.hosting import HostThread
+from support.waiting import wait_for
 from support.load import call_in_a_loop
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 CONTEXT = 128
@@ -44,14 +45,6 @@ ITEMS = [
     ("how can I save money", "cook at home ."),
     ("plan a picnic", "bring food , a blanket and water to the park and find some shade near the lake ."),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _reward_version(root, name: str, tokenizer, seed: int) -> str:
@@ -131,16 +124,6 @@ def direct_scores(path, pairs) -> list[float]:
     """The reward model's own forward pass, one item at a time, formatted as the core formats for training."""
     model = load_reward_model(str(path))
     return [float(model.score([format_prompt(model.tokenizer, p)], [r])[0]) for p, r in pairs]
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not hold within {timeout}s")
 
 
 # --------------------------------------------------------------------------------------------- scores

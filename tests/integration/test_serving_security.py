@@ -19,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -48,7 +47,7 @@ from support.certs import make_pki
 from support.feedback_cases import thumbs_up
 from support.hosting import HostThread
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 GARBAGE = b"\xff\xff\xff"  # field 31, wire type 7: no such wire type, so no message parses it
 PRODUCT_TOKENS = ("product-token-one", "product-token-two")
@@ -199,14 +198,6 @@ def health(channel: grpc.Channel, token: str | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- servers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

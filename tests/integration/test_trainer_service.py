@@ -12,7 +12,6 @@ import uuid
 
 import grpc
 import pytest
-import torch
 
 from rlhf.bus import topics
 from rlhf.bus.kafka import KafkaBus, KafkaConfig
@@ -27,20 +26,13 @@ from rlhf.trainer.config import TrainerConfig
 from rlhf.trainer.servicer import TrainerComponent
 from rlhf.v1 import common_pb2, events_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from support.hosting import HostThread
+from support.waiting import wait_for
 from support.kafka_read import SESSION_START_S, read_topic
 from support.trainer_records import (
     feedback_record, pairwise, ranking, served, simulated_rankings,
 )
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +97,6 @@ def trainer(config: TrainerConfig):
         wait_for(joined, timeout=60, what="the trainer joined its group")
         yield host, trainer_pb2_grpc.TrainerServiceStub(channel), component
         channel.close()
-
-
-def wait_for(predicate, timeout: float = 90.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} did not hold within {timeout}s")
 
 
 def collect(kafka_bootstrap: str, topic: str, parse, keep, want: int, timeout_s: float = 30.0) -> list:
