@@ -99,6 +99,9 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=512, help="items per round and batch size")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--in-flight", type=int, default=2, help="concurrent Score calls of the service side")
+    parser.add_argument("--max-wait-s", type=float, default=0.0,
+                        help="the service's max_wait_s (0: a pass starts with what is queued; calls in flight still "
+                             "share passes)")
     parser.add_argument("--cache-url", default="memory://", help="score cache of the cache part (redis://... or memory://)")
     parser.add_argument("--cache-batch", type=int, default=16)
     parser.add_argument("--cache-calls", type=int, default=30)
@@ -111,7 +114,7 @@ def main() -> int:
     model.eval()
     result: dict = {"machine": machine(), "size": args.size, "items": args.items, "in_flight": args.in_flight,
                     "throughput": [], "cache": None}
-    common = ["--max-batch-size", str(max(int(b) for b in args.batches.split(","))), "--max-wait-s", "0.001"]
+    common = ["--max-batch-size", str(max(int(b) for b in args.batches.split(","))), "--max-wait-s", str(args.max_wait_s)]
     with service_process("reward", path, threads=1, extra=[*common, "--score-cache-ttl-s", "0"]) as address:
         with grpc.insecure_channel(address) as channel:
             stub = reward_pb2_grpc.RewardServiceStub(channel)

@@ -115,3 +115,23 @@ def test_scores_equal_the_reward_models_own_forward_pass_in_any_batch():
         return scores
 
     assert run(main()) == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_batched_tokenization_equals_the_cores_pair_encoding(kind):
+    """RewardModel.tokenize_many (one tokenizer call per side) gives exactly what the trainers' encode_prompt_response
+    gives item by item: prompt and response apart, eos after the response."""
+    from rlhf.core.tokenizer import encode_prompt_response
+
+    tokenizer = train_tokenizer(world_texts(), TokenizerConfig(kind=kind, vocab_size=800))
+    backbone = build_causal_lm(tokenizer, ModelSize(arch="gpt2", n_layer=1, n_embd=16, n_head=2), seed=0)
+    reward_model = build_reward_model(backbone, tokenizer, max_length=12)
+    prompts = [format_prompt(tokenizer, p) for p in ("how do I cook rice", "plan a picnic for my family today")]
+    responses = ["boil it .", "bring food , a blanket and water to the park and find some shade near the lake ."]
+    for truncate in (False, True):
+        got = reward_model.tokenize_many(prompts, responses, truncate=truncate)
+        for p, r, item in zip(prompts, responses, got):
+            prompt_ids, response_ids = encode_prompt_response(tokenizer, p, r)
+            want = prompt_ids + response_ids
+            assert item.features["input_ids"] == (want[-12:] if truncate else want)
+            assert item.prompt_tokens == len(prompt_ids)

@@ -239,16 +239,33 @@ class RewardModel(torch.nn.Module):
     def tokenize(self, prompt: str, response: str, truncate: bool = True) -> RewardInput:
         """The model input of one (formatted prompt, response) pair, unpadded. ``truncate=False`` keeps every token
         (the reward service refuses what is longer than ``max_length`` instead of cutting it)."""
+        return self.tokenize_many([prompt], [response], truncate)[0]
+
+    def tokenize_many(self, prompts: Sequence[str], responses: Sequence[str],
+                      truncate: bool = True) -> list[RewardInput]:
+        """:meth:`tokenize` of many pairs, with one call of the (fast, batched) tokenizer per side."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            return []
+        tok = self.tokenizer
         if self.pair_input:
-            enc = self.tokenizer(prompt, response, truncation=truncate, max_length=self.max_length if truncate else None)
-            prompt_tokens = len(self.tokenizer(prompt)["input_ids"])
-            return RewardInput({k: list(v) for k, v in enc.items()}, prompt_tokens)
-        prompt_ids, response_ids = encode_prompt_response(self.tokenizer, prompt, response)
-        ids = prompt_ids + response_ids
-        if truncate:
-            # Keep the end of the sequence (the response and its eos) when too long: that is what is being judged.
-            ids = ids[-self.max_length:]
-        return RewardInput({"input_ids": ids}, len(prompt_ids))
+            enc = tok(list(prompts), list(responses), truncation=truncate,
+                      max_length=self.max_length if truncate else None)
+            prompt_lengths = [len(ids) for ids in tok(list(prompts))["input_ids"]]
+            return [RewardInput({k: list(enc[k][i]) for k in enc}, prompt_lengths[i]) for i in range(len(prompts))]
+        # As encode_prompt_response, batched: prompt and response tokenized apart, eos after the response.
+        prompt_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+        response_ids = tok(list(responses), add_special_tokens=False)["input_ids"]
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        out = []
+        for p, r in zip(prompt_ids, response_ids, strict=True):
+            ids = [*p, *r, *eos]
+            if truncate:
+                # Keep the end of the sequence (the response and its eos) when too long: that is what is judged.
+                ids = ids[-self.max_length:]
+            out.append(RewardInput({"input_ids": ids}, len(p)))
+        return out
 
     def collate(self, rows: Sequence[RewardInput]) -> dict[str, torch.Tensor]:
         """Right-padded (B, T) tensors of ``rows`` on the model's device."""
@@ -269,7 +286,7 @@ class RewardModel(torch.nn.Module):
         """Padded model inputs for (formatted prompt, response) pairs."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return self.collate([self.tokenize(p, r) for p, r in zip(prompts, responses, strict=True)])
+        return self.collate(self.tokenize_many(prompts, responses))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """(B,) rewards, with gradients (for training)."""

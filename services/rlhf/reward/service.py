@@ -143,7 +143,7 @@ class RewardScorer:
         misses = [i for i, s in enumerate(scores) if s is None]
         hits = len(items) - len(misses)
         if misses:
-            inputs = [self._tokenized(loaded, i, prompts[i], items[i].response) for i in misses]  # 5.
+            inputs = self._tokenized(loaded, misses, prompts, items)  # 5.
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
             try:
                 futures = loaded.engine.submit(inputs, deadline)
@@ -169,9 +169,14 @@ class RewardScorer:
             await self._store({cache_keys[i]: _SCORE.pack(s) for i, s in zip(misses, fresh, strict=True)})  # 6.
         return [float(s) for s in scores], hits  # type: ignore[arg-type]
 
-    def _tokenized(self, loaded: LoadedReward, index: int, prompt: str, response: str):
-        item = loaded.model.tokenize(prompt, response, truncate=False)
-        if item.length > loaded.context:
+    def _tokenized(self, loaded: LoadedReward, indices: Sequence[int], prompts: Sequence[str],
+                   items: Sequence[ValidItem]) -> list:
+        """The model inputs of ``items[indices]``; an item longer than the version's context is INVALID_ARGUMENT."""
+        inputs = loaded.model.tokenize_many([prompts[i] for i in indices], [items[i].response for i in indices],
+                                            truncate=False)
+        for index, item in zip(indices, inputs, strict=True):
+            if item.length <= loaded.context:
+                continue
             if item.prompt_tokens >= loaded.context:
                 raise InvalidArgument(f"items[{index}].prompt",
                                       f"{item.prompt_tokens} tokens, limit {loaded.context} (prompt and response)")
@@ -180,7 +185,7 @@ class RewardScorer:
                 f"{item.length} tokens with the prompt ({item.length - item.prompt_tokens} of the response), "
                 f"limit {loaded.context}",
             )
-        return item
+        return inputs
 
     async def _cached(self, cache_keys: list[str]) -> list[float | None]:
         if self.cache_ttl_s <= 0:
