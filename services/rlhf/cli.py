@@ -21,6 +21,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "policy": ("rlhf.policy.main", "run the policy inference service"),
     "reward": ("rlhf.reward.main", "run the reward scoring service"),
     "trainer": ("rlhf.trainer.main", "run the trainer service (feedback -> dataset -> gated reward models)"),
+    "sft": ("rlhf.train.sft", "fine-tune a causal LM on demonstrations (JSONL); torchrun for many processes"),
+    "rm": ("rlhf.train.rm", "train a reward model on preference pairs or rankings (JSONL)"),
+    "ppo": ("rlhf.train.ppo", "optimise a policy with PPO against a reward model (a folder or grpc://HOST:PORT)"),
 }
 
 

@@ -8,6 +8,9 @@ One JSON object a line:
                                                                        ``ranking`` lists indices into ``responses``,
                                                                        best first, each exactly once
 
+Prompt files (PPO's prompts, `load_prompts`) take ``{"prompt": str}`` or ``{"messages": [{"role", "content"}, ...]}``
+(a conversation the policy continues, formatted with the model's chat template), or any record above (its prompt).
+
 Blank lines are skipped; other keys are ignored. A bad line raises `DataError` naming the file, the line and the field.
 """
 from __future__ import annotations
@@ -143,9 +146,8 @@ def detect_kind(obj: dict[str, Any]) -> RecordKind | None:
     return None
 
 
-def parse_lines(lines: Iterable[str], path: str = "<lines>", kind: RecordKind | None = None) -> list[Record]:
-    """Parse JSONL ``lines``; with ``kind`` every line must be that record, else each line's kind is detected."""
-    records: list[Record] = []
+def _objects(lines: Iterable[str], path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, JSON object) of every non-blank line."""
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -155,6 +157,20 @@ def parse_lines(lines: Iterable[str], path: str = "<lines>", kind: RecordKind | 
             raise DataError(path, number, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(path, number, None, f"must be a JSON object, got {type(obj).__name__}")
+        yield number, obj
+
+
+def parse_lines(lines: Iterable[str], path: str = "<lines>", kind: RecordKind | None = None) -> list[Record]:
+    """Parse JSONL ``lines``; with ``kind`` every line must be that record, else each line's kind is detected."""
+    return [record for _, record in parse_numbered(lines, path, kind)]
+
+
+def parse_numbered(
+    lines: Iterable[str], path: str = "<lines>", kind: RecordKind | None = None
+) -> list[tuple[int, Record]]:
+    """Like `parse_lines`, each record with its line number (for messages about a record found bad later)."""
+    records: list[tuple[int, Record]] = []
+    for number, obj in _objects(lines, path):
         line_kind = detect_kind(obj)
         if kind is not None and line_kind not in (kind, None):
             raise DataError(path, number, None, f"expected a {kind} record, found a {line_kind} record")
@@ -165,7 +181,7 @@ def parse_lines(lines: Iterable[str], path: str = "<lines>", kind: RecordKind | 
                 "cannot tell the record kind: expected 'response' (demonstration), 'chosen'/'rejected' (pair) "
                 "or 'responses'/'ranking' (ranking)",
             )
-        records.append(_PARSERS[line_kind](obj, path, number))
+        records.append((number, _PARSERS[line_kind](obj, path, number)))
     return records
 
 
@@ -173,6 +189,12 @@ def load_jsonl(path: str | os.PathLike[str], kind: RecordKind | None = None) -> 
     """Records from a JSONL file (see the module docstring)."""
     with open(path, encoding="utf-8") as f:
         return parse_lines(f, str(path), kind)
+
+
+def load_numbered(path: str | os.PathLike[str], kind: RecordKind | None = None) -> list[tuple[int, Record]]:
+    """(line number, record) of a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        return parse_numbered(f, str(path), kind)
 
 
 def load_demonstrations(path: str | os.PathLike[str]) -> list[Demonstration]:
@@ -191,6 +213,68 @@ def load_rankings(path: str | os.PathLike[str]) -> list[Ranking]:
             raise ValueError(f"{path}: a demonstration among rankings; keep them in separate files")
         out.append(record.as_ranking() if isinstance(record, PreferencePair) else record)
     return out
+
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt a policy continues: a user message, or a conversation (formatted with the chat template)."""
+
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+
+    def chat(self) -> list[dict[str, str]]:
+        """The conversation as chat-template messages (a plain prompt is one user turn)."""
+        if self.messages is None:
+            return [{"role": "user", "content": self.prompt or ""}]
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    @property
+    def text(self) -> str:
+        """A readable one-string form (the prompt, or the last message)."""
+        return self.prompt if self.prompt is not None else (self.messages[-1].content if self.messages else "")
+
+
+def _parse_prompt(obj: dict[str, Any], path: str, line: int) -> PromptRecord:
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(path, line, "messages", "must be a non-empty list of {\"role\", \"content\"} objects")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise DataError(path, line, f"messages[{i}]", f"must be an object, got {type(m).__name__}")
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLES:
+                raise DataError(path, line, f"messages[{i}].role", f"must be one of {list(ROLES)}, got {role!r}")
+            if not isinstance(content, str) or not content.strip():
+                raise DataError(path, line, f"messages[{i}].content", "must be a non-empty string")
+            out.append(Message(role, content))
+        if out[-1].role == "assistant":
+            raise DataError(path, line, f"messages[{len(out) - 1}].role",
+                            "the last message of a prompt must not be the assistant's (the policy writes that turn)")
+        return PromptRecord(messages=tuple(out))
+    if "prompt" not in obj:
+        raise DataError(path, line, "prompt", "is missing (a prompt file takes 'prompt' or 'messages')")
+    return PromptRecord(prompt=_require_str(obj, "prompt", path, line))
+
+
+def load_prompts_numbered(path: str | os.PathLike[str]) -> list[tuple[int, PromptRecord]]:
+    """(line number, prompt) of every line of a prompt file (see the module docstring)."""
+    with open(path, encoding="utf-8") as f:
+        return [(n, _parse_prompt(obj, str(path), n)) for n, obj in _objects(f, str(path))]
+
+
+def load_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
+    return [record for _, record in load_prompts_numbered(path)]
 
 
 def to_json(record: Record) -> dict[str, Any]:

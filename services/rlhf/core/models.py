@@ -41,7 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf.core.tokenizer import encode_prompt_response, ensure_pad_token, load_tokenizer
+from rlhf.core.tokenizer import ensure_pad_token, load_tokenizer
 
 MANIFEST_FILE = "manifest.json"
 

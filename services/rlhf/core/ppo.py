@@ -31,6 +31,7 @@ from rlhf.core.generation import SamplingParams, decode_responses, generate, lef
 from rlhf.core.kl import AdaptiveKLController, FixedKLController, KLController, kl_estimate
 from rlhf.core.losses import REDUCTIONS, PolicyLoss, ValueLoss, entropy_from_logits
 from rlhf.core.masking import last_token_index, masked_mean, masked_var, masked_whiten
+from rlhf.core.train_loop import SINGLE_PROCESS, DataParallel
 
 __all__ = [
     "PPOConfig",
@@ -45,6 +46,7 @@ __all__ = [
     "UpdateStats",
     "PPOTrainer",
     "logprobs_from_logits",
+    "evaluate_policy",
 ]
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -432,6 +434,7 @@ class PPOTrainer:
         value_model: nn.Module | None = None,
         *,
         encode_prompt: PromptEncoder | None = None,
+        parallel: DataParallel = SINGLE_PROCESS,
     ):
         if len(prompts) == 0:
             raise ValueError("PPOTrainer needs at least one prompt")
@@ -449,6 +452,10 @@ class PPOTrainer:
             else PolicyAndCritic(self.policy, value_model.eval())
         )
         self.device = next(self.policy.parameters()).device
+        self.parallel = parallel
+        if parallel.distributed and config.batch_size % parallel.world_size:
+            raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of the number of processes "
+                             f"({parallel.world_size})")
 
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -461,6 +468,8 @@ class PPOTrainer:
         self.value_loss = ValueLoss(config.cliprange_value, reduction)
         self._reduce = reduction
 
+        # The module the update runs forward through: DDP around the policy and value under torchrun.
+        self.forward_model = parallel.wrap(self.model)
         self.optimizer = _build_optimizer(self.model, config)
         warmup = config.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
@@ -501,11 +510,13 @@ class PPOTrainer:
     # --- 1-3. rollout ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def make_experience(self, prompts: list[str]) -> Experience:
-        """Generate responses to ``prompts`` and score them: the rollout part of a PPO step."""
+    def make_experience(self, prompts: list[str], seeds: list[int] | None = None) -> Experience:
+        """Generate responses to ``prompts`` and score them: the rollout part of a PPO step. ``seeds``: one sampling
+        seed per prompt (default: drawn from the trainer's generator)."""
         # 1. generate
         prompt_ids, prompt_mask = left_pad([self.encode_prompt(p) for p in prompts], self.pad_token_id, self.device)
-        seeds = torch.randint(0, 2**62, (len(prompts),), generator=self.generator).tolist()
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (len(prompts),), generator=self.generator).tolist()
         out = generate(
             self.policy,
             prompt_ids,
@@ -575,7 +586,7 @@ class PPOTrainer:
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
         if cfg.normalize_reward:
-            self.reward_moments.update(scores)
+            self.reward_moments.update(self._gather_rows(scores))
             scores = self.reward_moments.normalize(scores)
         if cfg.reward_clip is not None:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -599,8 +610,35 @@ class PPOTrainer:
         gae = compute_gae(exp.values, rewards, exp.action_mask, self.config.gamma, self.config.lam)
         advantages = gae.advantages
         if self.config.whiten_advantages:
-            advantages = masked_whiten(advantages, exp.action_mask)
+            if self.parallel.distributed:
+                advantages = self._global_whiten(advantages, exp.action_mask)
+            else:
+                advantages = masked_whiten(advantages, exp.action_mask)
         return advantages, gae.returns
+
+    # --- data parallelism: rank r holds rows r, r + N, r + 2N, ... of every global batch ------------------------------
+
+    def _local_rows(self, n: int) -> list[int]:
+        return list(range(self.parallel.rank, n, self.parallel.world_size))
+
+    def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """(B_local,) -> (B,) the values of every rank's rows in global row order (what one process would hold)."""
+        par = self.parallel
+        if not par.distributed:
+            return values
+        full = torch.zeros(self.config.batch_size, dtype=torch.float64)
+        full[self._local_rows(self.config.batch_size)] = values.detach().double().cpu()
+        return torch.tensor(par.all_reduce_sum(full.tolist()), dtype=values.dtype, device=values.device)
+
+    def _global_whiten(self, values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """`masked_whiten` with the mean and (unbiased) variance of every rank's response tokens."""
+        m = mask.bool()
+        total, count = self.parallel.all_reduce_sum([float(values[m].double().sum()), float(m.sum())])
+        mean = total / count
+        (squares,) = self.parallel.all_reduce_sum([float(((values[m].double() - mean) ** 2).sum())])
+        var = squares / max(count - 1, 1)
+        whitened = (values - mean) * (1.0 / math.sqrt(var + eps))
+        return torch.where(m, whitened, torch.zeros((), dtype=values.dtype, device=values.device))
 
     # --- 6. update ------------------------------------------------------------------------------------------------
 
@@ -609,11 +647,19 @@ class PPOTrainer:
         cfg = self.config
         sums = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clipfrac", "value_clipfrac", "grad_norm"), 0.0)
         n_updates, epochs_run = 0, 0
+        par = self.parallel
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(batch.sequences.shape[0], generator=self.generator).to(self.device)
+            # The permutation is of the global batch (the same on every rank); each rank trains on its rows of it.
+            perm = torch.randperm(cfg.batch_size if par.distributed else batch.sequences.shape[0],
+                                  generator=self.generator)
             epoch_kl = 0.0
             for mb_rows in perm.split(cfg.mini_batch_size):
-                mb_stats = self._train_minibatch(batch.select(mb_rows))
+                if par.distributed:
+                    local = [int(r) // par.world_size for r in mb_rows if int(r) % par.world_size == par.rank]
+                    mb_stats = self._train_minibatch(batch.select(torch.tensor(local or [0], device=self.device)),
+                                                     empty=not local)
+                else:
+                    mb_stats = self._train_minibatch(batch.select(mb_rows.to(self.device)))
                 for key, value in mb_stats.items():
                     sums[key] += value
                 epoch_kl += mb_stats["approx_kl"]
@@ -623,9 +669,12 @@ class PPOTrainer:
                 break
         return UpdateStats(**{k: v / max(n_updates, 1) for k, v in sums.items()}, epochs_run=epochs_run)
 
-    def _train_minibatch(self, mb: Experience) -> dict[str, float]:
+    def _train_minibatch(self, mb: Experience, empty: bool = False) -> dict[str, float]:
+        """One optimizer step on a mini-batch. Under torchrun ``mb`` is this rank's rows of the global mini-batch
+        (``empty``: none, a dummy row of weight 0): its losses are weighted by its share of the global tokens (or
+        responses, for sequence_mean), so that DDP's gradient average is the one-process gradient."""
         cfg = self.config
-        logits, values = self.model(mb.sequences, mb.attention_mask, mb.response_length)
+        logits, values = self.forward_model(mb.sequences, mb.attention_mask, mb.response_length)
         logits = logits.float() / cfg.temperature
         actions = mb.sequences[:, -mb.response_length :]
         logprobs = logprobs_from_logits(logits, actions)  # (mb, T)
@@ -634,6 +683,16 @@ class PPOTrainer:
         loss = pg.loss + cfg.vf_coef * vf.loss
         if cfg.entropy_coef:  # (the entropy metric comes from the rollout; no extra softmax here without a bonus)
             loss = loss - cfg.entropy_coef * self._reduce(entropy_from_logits(logits), mb.action_mask)
+        stats = {"policy_loss": pg.loss.item(), "value_loss": vf.loss.item(), "approx_kl": pg.approx_kl.item(),
+                 "clipfrac": pg.clipfrac.item(), "value_clipfrac": vf.clipfrac.item()}
+        par = self.parallel
+        if par.distributed:
+            weight = 0.0 if empty else float(
+                mb.action_mask.sum() if cfg.loss_reduction == "token_mean" else mb.action_mask.shape[0])
+            keys = sorted(stats)
+            totals = par.all_reduce_sum([weight, *(stats[k] * weight for k in keys)])
+            stats = {k: totals[1 + i] / totals[0] for i, k in enumerate(keys)}
+            loss = loss * (weight / totals[0] * par.world_size)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -642,21 +701,19 @@ class PPOTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return {
-            "policy_loss": pg.loss.item(),
-            "value_loss": vf.loss.item(),
-            "approx_kl": pg.approx_kl.item(),
-            "clipfrac": pg.clipfrac.item(),
-            "value_clipfrac": vf.clipfrac.item(),
-            "grad_norm": grad_norm.item(),
-        }
+        return {**stats, "grad_norm": grad_norm.item()}
 
     # --- the step -------------------------------------------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
         """One PPO step on the next batch of prompts; returns its metrics."""
         t0 = time.perf_counter()
-        exp = self.make_experience(self.next_prompts())
+        prompts = self.next_prompts()
+        seeds = torch.randint(0, 2**62, (len(prompts),), generator=self.generator).tolist()
+        if self.parallel.distributed:  # this rank's rows of the global batch, with the seeds they have in it
+            rows = self._local_rows(len(prompts))
+            prompts, seeds = [prompts[i] for i in rows], [seeds[i] for i in rows]
+        exp = self.make_experience(prompts, seeds)
         t1 = time.perf_counter()
         rewards, kl = self.compute_rewards(exp)
         advantages, returns = self.compute_advantages(exp, rewards)
@@ -677,6 +734,8 @@ class PPOTrainer:
         assert batch.kl is not None and batch.returns is not None
         kl_per_seq = batch.kl.sum(dim=1)  # (B,)
         non_score = -beta * kl_per_seq  # (B,)
+        if self.parallel.distributed:
+            return self._global_metrics(batch, stats, beta, kl_per_seq, non_score)
         residual_var = masked_var(batch.returns - batch.values, mask, unbiased=False)
         returns_var = masked_var(batch.returns, mask, unbiased=False)
         return {
@@ -698,6 +757,34 @@ class PPOTrainer:
             "grad_norm": stats.grad_norm,
             "ppo_epochs_run": float(stats.epochs_run),
             "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+        }
+
+    def _global_metrics(self, batch: Experience, stats: UpdateStats, beta: float, kl_per_seq: torch.Tensor,
+                        non_score: torch.Tensor) -> dict[str, float]:
+        """`metrics` over every rank's rows: per-response means over the global batch, per-token means over all its
+        response tokens (the variances from summed moments)."""
+        assert batch.returns is not None
+        m = batch.action_mask.bool()
+        residual = (batch.returns - batch.values).double()[m]
+        returns = batch.returns.double()[m]
+        row_sums = [(batch.scores + non_score).sum(), batch.raw_scores.sum(), batch.scores.sum(), kl_per_seq.sum(),
+                    non_score.sum(), m.sum(dim=1).float().sum(), batch.ended.float().sum()]
+        token_sums = [batch.entropy.double()[m].sum(), residual.sum(), (residual**2).sum(), returns.sum(),
+                      (returns**2).sum()]
+        totals = self.parallel.all_reduce_sum(
+            [float(m.shape[0]), float(m.sum()), *(float(v) for v in row_sums), *(float(v) for v in token_sums)])
+        rows, tokens = totals[0], totals[1]
+        (rlhf_reward, score, shaped, kl, non_score_mean, length, eos) = (v / rows for v in totals[2:9])
+        entropy, r1, r2, g1, g2 = (v / tokens for v in totals[9:14])
+        residual_var, returns_var = r2 - r1**2, g2 - g1**2
+        return {
+            "rlhf_reward": rlhf_reward, "score": score, "shaped_score": shaped, "kl": kl,
+            "non_score_reward": non_score_mean, "entropy": entropy, "approx_kl": stats.approx_kl,
+            "clipfrac": stats.clipfrac, "value_clipfrac": stats.value_clipfrac, "value_loss": stats.value_loss,
+            "policy_loss": stats.policy_loss,
+            "explained_variance": 1.0 - residual_var / returns_var if returns_var > 0 else float("nan"),
+            "response_length": length, "eos_fraction": eos, "beta": beta, "grad_norm": stats.grad_norm,
+            "ppo_epochs_run": float(stats.epochs_run), "learning_rate": float(self.optimizer.param_groups[0]["lr"]),
         }
 
     def train(
@@ -776,3 +863,58 @@ class PPOTrainer:
         """Restore what ``save_checkpoint`` wrote; the next ``step`` continues the stopped run exactly."""
         state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         self.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: nn.Module,
+    ref_policy: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    encode_prompt: PromptEncoder,
+    reward_fn: RewardFn,
+    response_length: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    parallel: DataParallel = SINGLE_PROCESS,
+) -> dict[str, float]:
+    """Reward and KL of ``policy`` on held-out ``prompts``: one sampled response each (row i seeded with seed + i,
+    so two policies are compared on the same randomness), its ``reward_fn`` score, and the exact
+    KL(policy || ref) of its token distributions summed over the response (nats per response)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = SamplingParams(max_new_tokens=response_length, temperature=temperature)
+    scores: list[float] = []
+    kls: list[float] = []
+    lengths: list[float] = []
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    mine = parallel.shard(range(len(prompts)))  # global indices: row i is seeded seed + i on any rank
+    for start in range(0, len(mine), batch_size):
+        rows = mine[start : start + batch_size]
+        chunk = [prompts[i] for i in rows]
+        ids, mask = left_pad([encode_prompt(p) for p in chunk], pad, device)
+        out = generate(policy, ids, mask, sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                       seeds=[seed + i for i in rows])
+        responses = decode_responses(tokenizer, out)
+        scores += torch.as_tensor(reward_fn(chunk, responses), dtype=torch.float32).flatten().tolist()
+        t = out.response_ids.shape[1]
+        sequences = torch.cat([ids, out.response_ids], dim=1)
+        attention = torch.cat([mask, out.response_mask.long()], dim=1)
+        logp = torch.log_softmax(_causal_lm_logits(policy, sequences, attention, t).float() / temperature, dim=-1)
+        ref_logp = torch.log_softmax(_causal_lm_logits(ref_policy, sequences, attention, t).float() / temperature,
+                                     dim=-1)
+        per_token = (logp.exp() * (logp - ref_logp)).sum(dim=-1)  # (B, T)
+        kls += (per_token * out.response_mask.float()).sum(dim=1).tolist()
+        lengths += out.response_mask.sum(dim=1).float().tolist()
+    policy.train(was_training)
+    count, score_sum, kl_sum, length_sum = parallel.all_reduce_sum(
+        [float(len(scores)), sum(scores), sum(kls), sum(lengths)])
+    n = max(1.0, count)
+    return {"eval_reward": score_sum / n, "eval_kl": kl_sum / n, "eval_response_length": length_sum / n,
+            "eval_prompts": count}

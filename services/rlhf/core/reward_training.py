@@ -11,18 +11,18 @@ against the gold order and beside the annotators' ceiling in the demo (`rlhf.sim
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf.core.losses import PairwiseLoss, PairwiseRankingLoss, PlackettLuceLoss
 from rlhf.core.models import RewardModel
 from rlhf.core.data import Ranking
 from rlhf.core.tokenizer import format_chat, format_prompt
-from rlhf.core.train_loop import make_optimizer, minibatch_indices, optimizer_step, seed_everything, warmup_cosine
+from rlhf.core.train_loop import SINGLE_PROCESS, DataParallel, LoopOptions, StepOutput, run_steps
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class RewardTrainResult:
     """Loss of every step."""
     accuracies: list[float] = field(default_factory=list)
     """Training-batch pair accuracy of every step."""
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    """Every step's metrics (``step``, ``loss``, ``accuracy``, ``learning_rate``, ``grad_norm``, ...)."""
 
 
 @dataclass(frozen=True)
@@ -120,11 +122,15 @@ class RewardTrainer:
         self.ranking_loss = PlackettLuceLoss() if self.config.loss == "plackett_luce" else PairwiseRankingLoss()
         self.pair_loss = PairwiseLoss()
 
-    def loss(self, rankings: Sequence[Ranking]) -> tuple[torch.Tensor, float]:
-        """The loss of a batch of rankings (one forward pass over all their responses) and its pair accuracy."""
+    def loss(
+        self, rankings: Sequence[Ranking], forward: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """The loss of a batch of rankings (one forward pass over all their responses) and its pair accuracy.
+        ``forward``: the module to run the reward model through (its DDP wrapper); default the model itself."""
         # 1. score every response of every ranking in one batch.
         batch = _ranking_batch(self.reward_model.tokenizer, rankings)
-        flat = self.reward_model.score_texts(batch.prompts, batch.responses)  # (sum K_n,)
+        forward = forward or self.reward_model
+        flat = forward(**self.reward_model.encode(batch.prompts, batch.responses))  # (sum K_n,)
         # 2. pairs with a margin: Bradley–Terry with margin; the rest: the ranking loss, each ranking one unit.
         with_margin = [i for i, m in enumerate(batch.margins) if m is not None and self.config.margin_scale > 0]
         plain = [i for i in range(len(rankings)) if i not in set(with_margin)]
@@ -149,29 +155,65 @@ class RewardTrainer:
         rankings: Sequence[Ranking],
         callback: Callable[[int, float, float], None] | None = None,
         progress: bool = True,
+        options: LoopOptions | None = None,
     ) -> RewardTrainResult:
-        """Train in place; ``callback(step, loss, batch_accuracy)`` after every step."""
+        """Train in place; ``callback(step, loss, batch_accuracy)`` after every step. ``options``
+        (`rlhf.core.train_loop.LoopOptions`): data parallelism, ``max_steps``, checkpoints and resume, a metrics hook.
+        Every ranking weighs the same in a step's loss, whatever the number of processes."""
         c = self.config
-        seed_everything(c.seed)
-        model = self.reward_model
-        num_steps = c.num_steps(len(rankings))
-        optimizer = make_optimizer(model, c.learning_rate, c.weight_decay)
-        scheduler = warmup_cosine(optimizer, c.warmup_steps(len(rankings)), num_steps, c.min_lr_ratio)
+        options = options or LoopOptions()
         result = RewardTrainResult()
-        model.train()
-        bar = tqdm(total=num_steps, desc="reward model", disable=not progress, leave=False)
-        for step, indices in enumerate(minibatch_indices(len(rankings), c.batch_size, num_steps, c.seed)):
-            loss, accuracy = self.loss([rankings[i] for i in indices])
-            optimizer_step(model, optimizer, scheduler, loss, c.max_grad_norm)
-            result.losses.append(float(loss.detach()))
-            result.accuracies.append(accuracy)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.3f}", acc=f"{accuracy:.2f}")
+
+        def compute(forward: torch.nn.Module, indices: list[int]) -> StepOutput:
+            loss, accuracy = self.loss([rankings[i] for i in indices], forward)
+            return StepOutput(loss, float(len(indices)), {"accuracy": accuracy * len(indices)})
+
+        def on_step(metrics: dict[str, float]) -> None:
+            metrics["rankings"] = metrics.pop("weight")
+            result.losses.append(metrics["loss"])
+            result.accuracies.append(metrics["accuracy"])
+            result.metrics.append(metrics)
             if callback is not None:
-                callback(step, result.losses[-1], accuracy)
-        bar.close()
-        model.eval()
+                callback(int(metrics["step"]) - 1, metrics["loss"], metrics["accuracy"])
+            if options.on_step is not None:
+                options.on_step(metrics)
+
+        run_steps(
+            self.reward_model, options.parallel.wrap(self.reward_model), c.num_steps(len(rankings)), c.batch_size,
+            len(rankings), compute, c, dataclasses.replace(options, on_step=on_step), "reward model", progress,
+            postfix=lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['accuracy']:.2f}"},
+        )
         return result
+
+    @torch.no_grad()
+    def evaluate(
+        self, rankings: Sequence[Ranking], batch_size: int = 32, parallel: DataParallel = SINGLE_PROCESS
+    ) -> dict[str, float]:
+        """Held-out loss (mean over rankings) and pair accuracy (over all their implied pairs); each rank scores its
+        share and the sums are reduced."""
+        model = self.reward_model
+        was_training = model.training
+        model.eval()
+        loss_sum = n = 0.0
+        correct = pairs = 0.0
+        mine = parallel.eval_shard(rankings)
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            loss, _ = self.loss(chunk)
+            loss_sum += float(loss) * len(chunk)
+            n += len(chunk)
+            batch = _ranking_batch(model.tokenizer, chunk)
+            flat = model(**model.encode(batch.prompts, batch.responses)).float()
+            for offset, k in zip(batch.offsets, batch.sizes):
+                r = flat[offset : offset + k]
+                for i in range(k):
+                    for j in range(i + 1, k):
+                        correct += float(r[i] > r[j])
+                        pairs += 1
+        loss_sum, n, correct, pairs = parallel.eval_sum([loss_sum, n, correct, pairs])
+        model.train(was_training)
+        return {"eval_loss": loss_sum / n if n else float("nan"),
+                "eval_accuracy": correct / pairs if pairs else float("nan"), "eval_rankings": n}
 
 
 def pair_accuracy(

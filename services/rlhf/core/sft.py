@@ -7,16 +7,17 @@ ask. `pretrain` reuses the same loop on plain texts with every token labelled, f
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.core.data import Demonstration
 from rlhf.core.tokenizer import encode_prompt_response, format_prompt
-from rlhf.core.train_loop import make_optimizer, minibatch_indices, optimizer_step, seed_everything, warmup_cosine
+from rlhf.core.train_loop import SINGLE_PROCESS, DataParallel, LoopOptions, StepOutput, run_steps
 
 IGNORE_INDEX = -100  # what torch's cross-entropy (and every HF causal LM's loss) skips
 
@@ -59,7 +60,9 @@ class CausalLMBatch:
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
-    """Loss of every optimizer step."""
+    """Loss of every optimizer step run."""
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    """Every step's metrics (``step``, ``loss``, ``learning_rate``, ``grad_norm``, ``tokens``, ...)."""
 
     @property
     def first_loss(self) -> float:
@@ -121,34 +124,95 @@ def train_causal_lm(
     desc: str = "sft",
     callback: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    options: LoopOptions | None = None,
 ) -> TrainResult:
-    """The loop: ``config.num_steps`` AdamW steps on batches ``make_batch(indices)``; ``callback(step, loss)``."""
-    seed_everything(config.seed)
-    model.train()
-    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
-    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.num_steps, config.min_lr_ratio)
-    device = next(model.parameters()).device
-    result = TrainResult()
-    bar = tqdm(total=config.num_steps, desc=desc, disable=not progress, leave=False)
-    for step, indices in enumerate(minibatch_indices(num_examples, config.batch_size, config.num_steps, config.seed)):
+    """The loop: ``config.num_steps`` AdamW steps on batches ``make_batch(indices)``; ``callback(step, loss)``.
+
+    ``options`` (`rlhf.core.train_loop.LoopOptions`): data parallelism, ``max_steps``, checkpoints and resume, a
+    per-step metrics hook. The loss of a step is the mean over the global minibatch's target tokens, whatever the
+    number of processes.
+    """
+    options = options or LoopOptions()
+    forward_model = options.parallel.wrap(model)
+    device = options.parallel.device if options.parallel.distributed else next(model.parameters()).device
+
+    def compute(forward: torch.nn.Module, indices: list[int]) -> StepOutput:
         batch = make_batch(indices)
         # 1. forward: the model shifts the labels and averages cross-entropy over labelled tokens.
-        out = model(
+        out = forward(
             input_ids=batch.input_ids.to(device),
             attention_mask=batch.attention_mask.to(device),
             labels=batch.labels.to(device),
         )
-        # 2. update.
-        optimizer_step(model, optimizer, scheduler, out.loss, config.max_grad_norm)
-        loss = float(out.loss.detach())
-        result.losses.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        targets = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())  # what the mean is over, after the shift
+        return StepOutput(out.loss, float(targets), {"tokens": float(batch.attention_mask.sum())})
+
+    result = TrainResult()
+
+    def on_step(metrics: dict[str, float]) -> None:
+        result.losses.append(metrics["loss"])
+        result.metrics.append(metrics)
         if callback is not None:
-            callback(step, loss)
-    bar.close()
-    model.eval()
+            callback(int(metrics["step"]) - 1, metrics["loss"])
+        if options.on_step is not None:
+            options.on_step(metrics)
+
+    # "tokens" is summed over ranks then divided by the weight like every sum: undo that to report a count.
+    def per_step(metrics: dict[str, float]) -> None:
+        metrics["tokens"] = metrics["tokens"] * metrics["weight"]
+        metrics["target_tokens"] = metrics.pop("weight")
+        on_step(metrics)
+
+    run_steps(
+        model, forward_model, config.num_steps, config.batch_size, num_examples, compute, config,
+        dataclasses.replace(options, on_step=per_step), desc, progress,
+        postfix=lambda m: {"loss": f"{m['loss']:.3f}"},
+    )
     return result
+
+
+@torch.no_grad()
+def evaluate_causal_lm(
+    model: PreTrainedModel,
+    make_batch: Callable[[list[int]], CausalLMBatch],
+    num_examples: int,
+    batch_size: int = 32,
+    parallel: DataParallel = SINGLE_PROCESS,
+) -> dict[str, float]:
+    """Held-out loss: the mean cross-entropy over every target token of the ``num_examples`` examples (each rank
+    scores its share; the sums are reduced), and its perplexity."""
+    device = parallel.device if parallel.distributed else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    mine = parallel.eval_shard(range(num_examples))
+    for start in range(0, len(mine), batch_size):
+        batch = make_batch(mine[start : start + batch_size])
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        labels = batch.labels[:, 1:].to(device)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        )
+        total += float(losses)
+        count += float((labels != IGNORE_INDEX).sum())
+    total, count = parallel.eval_sum([total, count])
+    model.train(was_training)
+    loss = total / count if count else float("nan")
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def sft_batcher(
+    tokenizer: PreTrainedTokenizerBase, demonstrations: Sequence[Demonstration], max_length: int
+) -> Callable[[list[int]], CausalLMBatch]:
+    """``indices -> CausalLMBatch`` over ``demonstrations`` (prompts chat-formatted with ``tokenizer`` once)."""
+    prompt_texts = [format_prompt(tokenizer, d.prompt) for d in demonstrations]
+    responses = [d.response for d in demonstrations]
+
+    def make_batch(indices: list[int]) -> CausalLMBatch:
+        return build_sft_batch(tokenizer, [prompt_texts[i] for i in indices], [responses[i] for i in indices], max_length)
+
+    return make_batch
 
 
 def train_sft(
@@ -158,18 +222,12 @@ def train_sft(
     config: SFTConfig | None = None,
     callback: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    options: LoopOptions | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``demonstrations`` (prompts are chat-formatted with ``tokenizer``)."""
     config = config or SFTConfig()
-    prompt_texts = [format_prompt(tokenizer, d.prompt) for d in demonstrations]
-    responses = [d.response for d in demonstrations]
-
-    def make_batch(indices: list[int]) -> CausalLMBatch:
-        return build_sft_batch(
-            tokenizer, [prompt_texts[i] for i in indices], [responses[i] for i in indices], config.max_length
-        )
-
-    return train_causal_lm(model, make_batch, len(demonstrations), config, "sft", callback, progress)
+    make_batch = sft_batcher(tokenizer, demonstrations, config.max_length)
+    return train_causal_lm(model, make_batch, len(demonstrations), config, "sft", callback, progress, options)
 
 
 def pretrain(
@@ -179,6 +237,7 @@ def pretrain(
     config: SFTConfig | None = None,
     callback: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    options: LoopOptions | None = None,
 ) -> TrainResult:
     """Language-model training of ``model`` in place on plain ``texts`` (every token labelled)."""
     config = config or SFTConfig()
@@ -187,4 +246,4 @@ def pretrain(
     def make_batch(indices: list[int]) -> CausalLMBatch:
         return build_lm_batch(tokenizer, [texts[i] for i in indices], config.max_length)
 
-    return train_causal_lm(model, make_batch, len(texts), config, "pretrain", callback, progress)
+    return train_causal_lm(model, make_batch, len(texts), config, "pretrain", callback, progress, options)
