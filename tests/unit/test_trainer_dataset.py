@@ -108,3 +108,15 @@ def test_the_heldout_split_is_fixed_by_the_source_events():
     assert 0.17 < sum(flags) / len(flags) < 0.23
     assert convert.heldout(("a", "b"), 0.5) == convert.heldout(("b", "a"), 0.5)
     assert all(convert.heldout((f"event-{i}",), 0.2) == f for i, f in enumerate(flags))
+
+
+def test_an_event_waiting_for_its_last_response_joins_the_ones_stored_before(dataset):
+    """A ranking whose first response was stored in an earlier transaction and whose second arrives later (other
+    partitions move at other speeds) is converted with both; this once raised and stalled the stream."""
+    dataset.store(responses(("old", "q", "stored before")))
+    dataset.store([feedback_message(ranking("late-join", "old", "new"))])
+    assert dataset.sizes()["feedback_pending"] == 1
+    dataset.store(responses(("new", "q", "arrived last")))
+    [c] = dataset.comparisons()
+    assert c.comparison.responses == ("stored before", "arrived last") and c.comparison.sources == ("late-join",)
+    assert dict(dataset.feedback_events()) == {"late-join": "used"}

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
+import logging
 import time
 from collections.abc import Iterator, Sequence
 
@@ -36,6 +37,8 @@ from rlhf.bus.base import Message, TopicPartition
 from rlhf.trainer import convert
 from rlhf.trainer.convert import Comparison, Demonstration, Prompt, RatingValue, Response, Unusable
 from rlhf.v1 import events_pb2, feedback_pb2
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS offsets(topic TEXT, partition INTEGER, next_offset INTEGER, PRIMARY KEY(topic, partition));
@@ -373,6 +376,9 @@ class Dataset:
                  needed: Sequence[str] | None = None) -> tuple[str, str]:
         """An event whose responses are all stored: its derived rows; (state, dead-letter reason)."""
         needed = convert.needed_responses(event) if needed is None else needed
+        unknown = [r for r in needed if rows.response(r) is None]
+        if unknown:  # stored by earlier transactions (an event that waited for its last response)
+            rows.known.update(self._responses(db, unknown))
         responses = {r: rows.response(r) for r in needed}
         earlier: list[RatingValue] = []
         if event.WhichOneof("kind") == "rating" and needed:
@@ -384,6 +390,9 @@ class Dataset:
             derived = convert.convert(event, responses, earlier, needed)
         except Unusable as e:
             return DEAD, e.reason
+        except Exception as e:  # noqa: BLE001 - a bug must not stall the stream: dead-lettered with its payload
+            log.exception("converting feedback event %s failed", event.event_id)
+            return DEAD, f"conversion failed ({type(e).__name__}: {e}); the payload can be replayed once fixed"
         if derived.rating is not None:
             rows.ratings.append(derived.rating)
         for c in derived.comparisons:
