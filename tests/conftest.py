@@ -285,6 +285,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def keep_torch_threads() -> Iterator[None]:
+    """Restores torch's thread count after a module whose commands set it in this process (``--threads``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------- names
 
 

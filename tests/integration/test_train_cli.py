@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.bus.memory import InMemoryBus
@@ -42,10 +41,8 @@ COMMON = ["--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
+def _one_thread(keep_torch_threads):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +50,7 @@ def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
     tc.llama_chatml(root / "llama")
     tc.gpt2_plain(root / "gpt2")
-    tc.write_jsonl(root / "demos.jsonl", tc.demonstrations(64))
-    tc.write_jsonl(root / "pairs.jsonl", tc.preference_pairs(64))
-    tc.write_jsonl(root / "prompts.jsonl", tc.prompts(32))
+    tc.write_data(root, 64, 64, 32)
     return root
 
 

@@ -126,3 +126,11 @@ def prompts(n: int = 32, seed: int = 0) -> list[dict]:
         else:
             rows.append({"prompt": question})
     return rows
+
+
+def write_data(root: Path, demos: int, pairs: int, prompt_count: int) -> Path:
+    """``demos.jsonl``, ``pairs.jsonl`` and ``prompts.jsonl`` under ``root`` (the commands' three inputs)."""
+    write_jsonl(root / "demos.jsonl", demonstrations(demos))
+    write_jsonl(root / "pairs.jsonl", preference_pairs(pairs))
+    write_jsonl(root / "prompts.jsonl", prompts(prompt_count))
+    return root

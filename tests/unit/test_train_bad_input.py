@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from rlhf.cli import main
@@ -17,17 +16,13 @@ from support import tiny_checkpoints as tc
 def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad")
     tc.llama_chatml(root / "llama")
-    tc.write_jsonl(root / "demos.jsonl", tc.demonstrations(8))
-    tc.write_jsonl(root / "pairs.jsonl", tc.preference_pairs(8))
-    tc.write_jsonl(root / "prompts.jsonl", tc.prompts(8))
+    tc.write_data(root, 8, 8, 8)
     return root
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
+def _one_thread(keep_torch_threads):
     yield
-    torch.set_num_threads(before)
 
 
 def fails(capsys, *argv) -> str:

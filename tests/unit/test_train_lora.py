@@ -18,19 +18,15 @@ COMMON = ["--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
+def _one_thread(keep_torch_threads):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lora")
     tc.llama_chatml(root / "llama")
-    tc.write_jsonl(root / "demos.jsonl", tc.demonstrations(32))
-    tc.write_jsonl(root / "pairs.jsonl", tc.preference_pairs(32))
-    tc.write_jsonl(root / "prompts.jsonl", tc.prompts(16))
+    tc.write_data(root, 32, 32, 16)
     return root
 
 

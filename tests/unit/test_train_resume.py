@@ -16,19 +16,15 @@ COMMON = ["--threads", "1", "--no-progress", "--save-every", "2"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
+def _one_thread(keep_torch_threads):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume")
     tc.gpt2_plain(root / "gpt2")
-    tc.write_jsonl(root / "demos.jsonl", tc.demonstrations(24))
-    tc.write_jsonl(root / "pairs.jsonl", tc.preference_pairs(24))
-    tc.write_jsonl(root / "prompts.jsonl", tc.prompts(16))
+    tc.write_data(root, 24, 24, 16)
     return root
 
 
