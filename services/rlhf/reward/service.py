@@ -138,8 +138,10 @@ class RewardScorer:
                      time_remaining: float | None) -> tuple[list[float], int]:
         tokenizer = loaded.model.tokenizer
         prompts = [_formatted(tokenizer, i, item) for i, item in enumerate(items)]  # 3.
-        cache_keys = [keys.reward_score(loaded.name, p, item.response) for p, item in zip(prompts, items)]
-        scores: list[float | None] = await self._cached(cache_keys)  # 4.
+        # the keys (a hash of each text) only when there is a cache to ask
+        cache_keys = ([keys.reward_score(loaded.name, p, item.response) for p, item in zip(prompts, items)]
+                      if self.cache_ttl_s > 0 else [])
+        scores: list[float | None] = await self._cached(cache_keys) if cache_keys else [None] * len(items)  # 4.
         misses = [i for i, s in enumerate(scores) if s is None]
         hits = len(items) - len(misses)
         if misses:
@@ -166,7 +168,8 @@ class RewardScorer:
                     f.cancel()  # a call that ends early (deadline, cancel) takes its queued items with it
             for i, s in zip(misses, fresh, strict=True):
                 scores[i] = s
-            await self._store({cache_keys[i]: _SCORE.pack(s) for i, s in zip(misses, fresh, strict=True)})  # 6.
+            if cache_keys:
+                await self._store({cache_keys[i]: _SCORE.pack(s) for i, s in zip(misses, fresh, strict=True)})  # 6.
         return [float(s) for s in scores], hits  # type: ignore[arg-type]
 
     def _tokenized(self, loaded: LoadedReward, indices: Sequence[int], prompts: Sequence[str],

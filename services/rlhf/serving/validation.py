@@ -2,10 +2,11 @@
 service and the reward service). Every rejection is an :class:`InvalidArgument` naming the field."""
 from __future__ import annotations
 
+from rlhf.core.data import ROLES  # one list of chat roles, for JSONL files and for requests
 from rlhf.serving.errors import InvalidArgument
 from rlhf.v1 import common_pb2
 
-ROLES = ("system", "user", "assistant")
+__all__ = ["ROLES", "utf8_len", "check_text", "check_conversation"]
 
 
 def utf8_len(text: str) -> int:
