@@ -17,8 +17,9 @@ from rlhf.bus import topics
 from rlhf.cache import cache_from_url
 from rlhf.feedback.config import FeedbackConfig
 from rlhf.feedback.servicer import FeedbackComponent
+from rlhf.feedback.validation import record_size_bound, shared_record_bytes
 from rlhf.serving.server import ServiceHost
-from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
+from rlhf.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc
 from support.hosting import HostThread
 from support.feedback_cases import LIMITS_FOR_CASES, invalid_events, stream_submit
 from support.kafka_read import read_feedback
@@ -177,6 +178,70 @@ def test_oversized_stream_message_is_rejected_whole(kafka_bootstrap, redis_url):
     assert [a.status for a in acks[:6]] == [STATUS.SUBMIT_STATUS_REJECTED] * 6
     assert all(a.error_message.startswith("events: has 6 events; at most 5") for a in acks[:6])
     assert [a.status for a in acks[6:]] == [STATUS.SUBMIT_STATUS_ACCEPTED] * 2
+
+
+def conversation_event(texts: int, response_bytes: int, text_bytes: int = 32 * 1024) -> feedback_pb2.FeedbackEvent:
+    """A demonstration of ``texts`` turns of ``text_bytes`` each and a response of ``response_bytes``."""
+    turns = [common_pb2.ChatMessage(role="user" if i % 2 == 0 else "assistant", content="x" * text_bytes)
+             for i in range(texts)]
+    return make_event(demonstration=feedback_pb2.Demonstration(
+        messages=common_pb2.Conversation(messages=turns), response="y" * response_bytes))
+
+
+def test_event_over_the_bus_record_limit_is_invalid_argument_one_at_the_limit_reaches_kafka(
+        kafka_bootstrap, redis_url):
+    """Kafka takes records of at most 1 MiB (max_request_size_bytes; the broker's message.max.bytes): an event
+    whose record would be larger is INVALID_ARGUMENT naming it (on a stream: a REJECTED ack of its own, and the
+    stream goes on), not FAILED "retry" forever; the largest event that fits is accepted and on the topic."""
+    with feedback_service(kafka_bootstrap, redis_url, max_text_bytes=32 * 1024) as host, \
+            host.channel() as channel:
+        stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+        config = host.host.components[0].config
+        limit, shared = config.record_limit_bytes, shared_record_bytes(config.replica)
+        assert limit == 1024 * 1024 - 4096  # the default broker's and producer's 1 MiB, less room for the key
+
+        # 31 turns of 32 KiB and the response that fills the record up to the limit, exactly
+        event = conversation_event(31, 0)
+        fill = limit - record_size_bound(event.ByteSize(), [], shared)
+        while record_size_bound(conversation_event(31, fill).ByteSize(), [], shared) > limit:
+            fill -= 1
+        largest, over = conversation_event(31, fill), conversation_event(31, fill + 1)
+        assert record_size_bound(over.ByteSize(), [], shared) == limit + 1
+
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Submit(feedback_pb2.SubmitRequest(event=over), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == (
+            f"event: serialized size 0.996 MiB ({limit + 1} bytes on the bus) exceeds the limit of 0.996 MiB "
+            f"({limit} bytes): send shorter texts or fewer messages")
+        # what the dashboards test once sent: 40 valid turns of 32 KiB, 1.25 MiB
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Submit(feedback_pb2.SubmitRequest(event=conversation_event(40, 10)), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("event: serialized size 1.25 MiB")
+
+        reply = stub.Submit(feedback_pb2.SubmitRequest(event=largest), timeout=30)
+        assert reply.status == STATUS.SUBMIT_STATUS_ACCEPTED
+
+        # a stream: the oversized event between two small ones is answered on its own
+        small = [make_event(), make_event()]
+        too_big = conversation_event(64, 10)
+        acks = stream_submit(stub, [small[0], too_big, small[1]], per_message=3)
+        assert [a.status for a in acks] == [STATUS.SUBMIT_STATUS_ACCEPTED, STATUS.SUBMIT_STATUS_REJECTED,
+                                            STATUS.SUBMIT_STATUS_ACCEPTED]
+        assert acks[1].event_id == too_big.event_id
+        assert acks[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert acks[1].error_message.startswith("event: serialized size 2 MiB")
+        # and a stream that carries only the oversized one (a message of its own) gets its ack too
+        [ack] = stream_submit(stub, [over], per_message=1)
+        assert ack.status == STATUS.SUBMIT_STATUS_REJECTED and ack.error_message.startswith("event: serialized")
+
+    records = read_feedback(kafka_bootstrap, {largest.event_id, over.event_id, too_big.event_id,
+                                              *(e.event_id for e in small)}, settle_s=2.0)
+    assert sorted(r.event.event_id for r in records) == sorted([largest.event_id, *(e.event_id for e in small)])
+    [on_topic] = [r for r in records if r.event.event_id == largest.event_id]
+    assert on_topic.event == largest
+    assert limit - 8 <= on_topic.ByteSize() <= limit
 
 
 def test_cache_down_degrades_but_accepts(kafka_bootstrap):

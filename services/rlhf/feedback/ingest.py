@@ -3,7 +3,7 @@
 An acknowledgement (ACCEPTED or DUPLICATE) means the event is on the feedback topic with acks=all.
 Per batch of events:
 
-1. validate each event (REJECTED with the field named);
+1. validate each event (REJECTED with the field named), its size too: the record it becomes must fit the bus;
 2. claim each event_id in the cache (``SET NX`` of ``pending:<replica>``): a claim that exists already is a
    DUPLICATE once ``done``; while another replica holds it ``pending`` we wait for its outcome;
    the same event_id twice in flight on this replica follows the first one's outcome;
@@ -38,7 +38,7 @@ from rlhf.cache.base import Cache, CacheError
 from rlhf.cache.memory import InMemoryCache
 from rlhf.feedback import record
 from rlhf.feedback.config import FeedbackConfig
-from rlhf.feedback.validation import Limits, validate_event
+from rlhf.feedback.validation import Limits, shared_record_bytes, validate_event
 from rlhf.serving.errors import Aborted, InvalidArgument, ServiceError, Unavailable
 from rlhf.serving.group_commit import GroupCommit
 from rlhf.v1 import events_pb2, feedback_pb2
@@ -104,11 +104,12 @@ class FeedbackIngestor:
         self.bus = bus
         self.cache = cache
         self.config = config
-        self.limits = Limits(config.max_text_bytes, config.max_ranking_size, config.max_future_skew_s)
+        self._replica = config.replica  # computed once: it asks the OS for the host name
+        self.limits = Limits(config.max_text_bytes, config.max_ranking_size, config.max_future_skew_s,
+                             config.record_limit_bytes, shared_record_bytes(self._replica))
         self._fallback = InMemoryCache()  # idempotency on this replica while the cache is down
         # event_id -> (future of the outcomes of the batch publishing it, its index there)
         self._in_flight: dict[str, tuple[asyncio.Future[list[Outcome]], int]] = {}
-        self._replica = config.replica  # computed once: it asks the OS for the host name
         self._pending_value = f"pending:{self._replica}".encode()
         # One cache step of concurrent batches (streams, messages, unary calls) in one call (group commit).
         limit = config.cache_calls_in_flight

@@ -1,5 +1,9 @@
 """Validation of feedback events. Pure: a proto in, :class:`InvalidArgument` naming the field out.
 
+Besides the rules of each field, an event must fit the bus once published: the FeedbackRecord it becomes (the
+event and the fields the service adds, rlhf.feedback.record) is at most ``Limits.max_record_bytes``, which
+FeedbackConfig keeps below the bus's largest record.
+
 Every rule here has a test in tests/unit/test_feedback_validation.py and an end-to-end one over gRPC.
 """
 from __future__ import annotations
@@ -8,6 +12,9 @@ import dataclasses
 import re
 from typing import NamedTuple
 
+from google.protobuf import timestamp_pb2
+
+from rlhf.feedback import record
 from rlhf.serving.errors import InvalidArgument
 from rlhf.v1 import common_pb2, feedback_pb2
 
@@ -19,6 +26,18 @@ ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 64
 MAX_METADATA = 32
 _THUMB_UNSPECIFIED = feedback_pb2.THUMB_UNSPECIFIED  # read once: enum attributes are slow to look up
+# Upper bounds of record_size_bound's parts, for a check that is cheap on the hot path (the exact bound takes 1-2 us
+# and is computed only for events near the limit): the event's tag and length (a varint of <= 5 bytes below 32 GiB)
+# plus responses_unchecked; per response id, its tag, length (2 bytes of varint: an id is <= 128 bytes) and bytes.
+_MAX_FRAMING_BYTES = 1 + 5 + 2
+_MAX_ID_FIELD_BYTES = 1 + 2 + 128
+# The largest received_at a record carries until the year 3058 (seconds below 2**35: a 5-byte varint).
+_LATEST = timestamp_pb2.Timestamp(seconds=2**35 - 1, nanos=999_999_999)
+
+
+def shared_record_bytes(replica_id: str) -> int:
+    """Most bytes of the part every record of a replica shares (``record.shared_part``: received_at, replica_id)."""
+    return len(record.shared_part(_LATEST, replica_id))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +45,24 @@ class Limits:
     max_text_bytes: int = 32 * 1024
     max_ranking_size: int = 16
     max_future_skew_s: float = 300.0
+    max_record_bytes: int = 1024 * 1024 - 4 * 1024
+    """Largest serialized FeedbackRecord of a valid event (FeedbackConfig.record_limit_bytes, below the bus's
+    largest record, so that a valid event is never one the bus refuses; the default is its value on a 1 MiB bus)."""
+    shared_record_bytes: int = shared_record_bytes("x" * 64)
+    """Bytes of the fields every record of this replica carries beside the event (:func:`shared_record_bytes` of
+    its replica id); the default covers a replica id of up to 64 bytes (the longest Linux host name)."""
+
+
+def record_size_bound(event_size: int, response_ids: list[str], shared_bytes: int) -> int:
+    """The largest serialized FeedbackRecord an event of ``event_size`` bytes that names ``response_ids`` can
+    become (rlhf.feedback.record): the event as field 1, the shared part, and either every response id marked
+    unknown or ``responses_unchecked`` set (never both: unknown ids need a lookup that worked)."""
+    ids = sum(1 + len(record.varint(len(rid))) + len(rid) for rid in (r.encode() for r in response_ids))
+    return 1 + len(record.varint(event_size)) + event_size + shared_bytes + max(ids, 2)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.3g} MiB"
 
 
 def _require_id(value: str, field: str, name: str, index: int | None = None) -> None:
@@ -125,7 +162,20 @@ def validate_event(
     kind = event.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument(f"{field}.kind", f"required: set one of {', '.join(KINDS)}")
-    return Checked(kind, _VALIDATORS[kind](getattr(event, kind), field, limits))
+    ids = _VALIDATORS[kind](getattr(event, kind), field, limits)
+
+    # 3. the size of the record it becomes: the bus takes records up to a size; a valid event must fit one, or it
+    #    would fail to publish on every retry
+    size = event.ByteSize()
+    most = size + limits.shared_record_bytes + _MAX_FRAMING_BYTES + _MAX_ID_FIELD_BYTES * len(ids)
+    if most > limits.max_record_bytes:
+        bound = record_size_bound(size, ids, limits.shared_record_bytes)
+        if bound > limits.max_record_bytes:
+            raise InvalidArgument(
+                field, f"serialized size {_mib(bound)} ({bound} bytes on the bus) exceeds the limit of "
+                f"{_mib(limits.max_record_bytes)} ({limits.max_record_bytes} bytes): send shorter texts or fewer "
+                "messages")
+    return Checked(kind, ids)
 
 
 # Each takes (message of the kind, the event's field name, limits), names errors ``<event field>.<kind>.<...>``
