@@ -6,6 +6,7 @@
     rlhf policy      the policy inference service alone
     rlhf reward      the reward scoring service alone
     rlhf trainer     the trainer service alone
+    rlhf rollout-worker  a PPO rollout worker alone (distributed mode)
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "feedback": ("rlhf.feedback.main", "run the feedback service"),
     "policy": ("rlhf.policy.main", "run the policy inference service"),
     "reward": ("rlhf.reward.main", "run the reward scoring service"),
-    "trainer": ("rlhf.trainer.main", "run the trainer service (feedback -> dataset -> gated reward models)"),
+    "trainer": ("rlhf.trainer.main", "run the trainer service (feedback -> dataset -> reward models -> PPO)"),
+    "rollout-worker": ("rlhf.trainer.worker_main", "run a PPO rollout worker (distributed mode; they scale out)"),
     "sft": ("rlhf.train.sft", "fine-tune a causal LM on demonstrations (JSONL); torchrun for many processes"),
     "rm": ("rlhf.train.rm", "train a reward model on preference pairs or rankings (JSONL)"),
     "ppo": ("rlhf.train.ppo", "optimise a policy with PPO against a reward model (a folder or grpc://HOST:PORT)"),

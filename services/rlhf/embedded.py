@@ -56,9 +56,9 @@ class EmbeddedConfig(ServerConfig):
 
 def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryBus, InMemoryCache]:
     """The services of the platform over one in-process bus and cache."""
+    from rlhf.bootstrap import ensure_initial_policy, ensure_initial_reward_model
     from rlhf.feedback.config import FeedbackConfig
     from rlhf.feedback.servicer import FeedbackComponent
-    from rlhf.bootstrap import ensure_initial_policy, ensure_initial_reward_model
     from rlhf.policy.config import PolicyConfig
     from rlhf.policy.servicer import PolicyComponent
     from rlhf.reward.config import RewardConfig
@@ -108,8 +108,36 @@ def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryB
         sft = os.path.join("out", "demo", "sft")
         base = sft if os.path.isdir(sft) else policy_config.model_path
         trainer_config = dataclasses.replace(trainer_config, reward_base_path=os.path.abspath(base))
+    # The PPO loop runs by default: from the served policy, one rollout worker on a thread, the in-process rollout
+    # buffer, rollouts scored by the reward service of this same server.
+    trainer_config = dataclasses.replace(
+        trainer_config, policy_base_path=trainer_config.policy_base_path or policy_config.model_path,
+        auto_start=trainer_config.auto_start or "RLHF_TRAINER_AUTO_START" not in os.environ,
+        buffer_url=trainer_config.buffer_url or "memory://")
     trainer = TrainerComponent(trainer_config, bus=bus, cache=cache)
+    if not (config.policy_model_path or os.environ.get("RLHF_POLICY_MODEL_PATH")):
+        publish_builtin_prompts(bus, trainer_config.topic_partitions)  # the built-in task's policy: its training prompts are the RL prompts
     return [feedback, policy, reward, trainer], bus, cache
+
+
+def publish_builtin_prompts(bus, partitions: int) -> int:
+    """The built-in task's training prompts on rlhf.prompts.v1 (its held-out prompts are kept for evaluation)."""
+    from rlhf.bus import topics
+    from rlhf.sim.world import split_prompts
+    from rlhf.trainer.rollouts import prompt_id_of
+    from rlhf.v1 import events_pb2
+
+    bus.ensure_topics(topics.platform_topics(partitions=partitions))
+    train, _ = split_prompts()
+    futures = []
+    for prompt in train:
+        record = events_pb2.PromptRecord(prompt_id=prompt_id_of(prompt.text), prompt=prompt.text,
+                                         source="dataset:builtin")
+        record.created_at.GetCurrentTime()
+        futures.append(bus.send(topics.PROMPTS, record.SerializeToString(), key=record.prompt_id.encode()))
+    for f in futures:
+        f.result(30)
+    return len(futures)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,13 +15,14 @@ How:
 3. gRPC traffic through every service: generations (unary and streamed, valid and invalid, a burst that overflows
    the served-response queue), feedback (rankings of served responses, duplicates, invalid events over the stream
    and unary, unknown response ids, a pair of responses to different prompts that the trainer dead-letters, an
-   event larger than the bus takes: FAILED), a reward-model training from the rankings (published; the reward
-   service loads it), scores (cache misses then hits, an invalid call), failed version loads of both models (broken
-   uri), a policy canary that is rolled back, an unimplemented trainer call (a server-side error status).
-   The embedded in-process cache cannot fail, so for the cache-error series a standalone ``rlhf reward`` and
-   ``rlhf feedback`` run beside it with their Redis down (a port that refuses connections; their bus in-process so
-   that nothing reaches the shared Kafka), registered as component="reward" / "feedback" targets too, and get a few
-   calls each.
+   event larger than the bus takes: INVALID_ARGUMENT), a reward-model training from the rankings (published; the
+   reward service loads it), scores (cache misses then hits, an invalid call), failed version loads of both models
+   (broken uri), a policy canary that is rolled back, an unimplemented trainer call (a server-side error status).
+   The embedded in-process cache and bus cannot fail, so for the cache-error series a standalone ``rlhf reward``
+   and ``rlhf feedback`` run beside it with their Redis down (a port that refuses connections; their bus in-process
+   so that nothing reaches the shared Kafka), and for the failed-event series (``outcome="failed"``) another
+   ``rlhf feedback`` whose Kafka is down (a refused port, so publishing fails for real), all registered as
+   component="reward" / "feedback" targets too, and get a few calls each.
 4. Each expression is evaluated with ``/api/v1/query``, polled until it returns a series (rate() needs two scrapes)
    or the deadline passes; then every one that never did is reported at once.
 
@@ -446,16 +447,18 @@ class Service:
             raise AssertionError(f"rlhf {self.name} exited ({self.proc.returncode}) while waiting for {what}:\n"
                                  f"{self.log.read_text()[-4000:]}")
 
-    def ready(self, timeout: float = 120) -> Service:
-        """Wait until it listens and its health (all services) is SERVING."""
+    def ready(self, timeout: float = 120, serving: bool = True) -> Service:
+        """Wait until it listens and its health (all services) is SERVING; NOT_SERVING with ``serving=False`` (a
+        service whose dependency is down on purpose: health tells the truth)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         m = wait_for(lambda: _ANNOUNCED.search(self.log.read_text()), timeout, f"{self.name} listening", self)
         self.address, self.metrics_address = f"{m[1]}:{m[2]}", f"{m[1]}:{m[3]}"
         self.channel = grpc.insecure_channel(self.address)
         health = health_pb2_grpc.HealthStub(self.channel)
-        wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                 == health_pb2.HealthCheckResponse.SERVING, timeout, f"{self.name} SERVING", self)
+        want = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == want, timeout,
+                 f"{self.name} {health_pb2.HealthCheckResponse.ServingStatus.Name(want)}", self)
         return self
 
     def stop(self) -> None:
@@ -563,7 +566,7 @@ def drive_traffic(p: Platform) -> dict[str, object]:
 
     # 2. feedback: rankings of what was served (comparisons for the trainer), over a stream, with duplicates and
     #    invalid events in it; unknown response ids; a pair of responses to two prompts (dead-lettered by the
-    #    trainer); a demonstration; invalid unary calls; an event larger than the bus takes (FAILED)
+    #    trainer); a demonstration; invalid unary calls; an event larger than the bus takes (INVALID_ARGUMENT)
     rankings = [event(f"rank-{i}", ranking=feedback_pb2.Ranking(response_ids=ids)) for i, (_, ids) in enumerate(served)]
     invalid = [event("bad-ranking", ranking=feedback_pb2.Ranking(response_ids=[served[0][1][0]])),
                feedback_pb2.FeedbackEvent(event_id="bad id with spaces")]
@@ -581,8 +584,8 @@ def drive_traffic(p: Platform) -> dict[str, object]:
         prompt=PROMPTS[1], response="Put it in boiling water for eight minutes."))), timeout=30)
     seen["invalid submit"] = code_of(lambda: feedback.Submit(feedback_pb2.SubmitRequest(
         event=feedback_pb2.FeedbackEvent(event_id="live-no-kind")), timeout=10))
-    # 40 messages of 32 KiB: valid (64 x max_text_bytes are allowed) but 1.3 MB, over the bus's largest record
-    # (1 MiB, as Kafka's default max_request_size): the event is answered FAILED, as when the bus is down.
+    # 40 messages of 32 KiB: each text is valid (64 x max_text_bytes are allowed) but the event is 1.25 MiB, over the
+    # bus's largest record (1 MiB, as Kafka's default max_request_size): INVALID_ARGUMENT, never published.
     huge = feedback_pb2.Demonstration(
         messages=common_pb2.Conversation(messages=[
             common_pb2.ChatMessage(role="user" if j % 2 == 0 else "assistant", content="x" * 32 * 1024)
@@ -637,6 +640,22 @@ def drive_traffic(p: Platform) -> dict[str, object]:
     return seen
 
 
+def drive_bus_down_traffic(feedback_service: Service) -> dict[str, object]:
+    """Calls on the feedback service whose Kafka is down: publishing fails, the events are FAILED (UNAVAILABLE)."""
+    from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
+
+    feedback = feedback_pb2_grpc.FeedbackServiceStub(feedback_service.channel)
+    event = feedback_pb2.FeedbackEvent(event_id="live-bus-down", product="live", annotator_id="sim",
+                                       rating=feedback_pb2.Rating(response_id="r-1", thumb=feedback_pb2.THUMB_UP))
+    event.created_at.GetCurrentTime()
+    try:
+        feedback.Submit(feedback_pb2.SubmitRequest(event=event), timeout=30)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        code = e.code()
+    return {"bus down: submit": code}
+
+
 def drive_cache_down_traffic(reward_service: Service, feedback_service: Service) -> dict[str, object]:
     """Calls on the services whose Redis is down: every cache operation fails and is counted, nothing else does."""
     from rlhf.v1 import feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc
@@ -682,6 +701,13 @@ def test_every_dashboard_and_alert_query_returns_series_from_the_scraped_platfor
         # the cache-error series: the embedded in-process cache cannot fail. They start now and are ready while the
         # embedded platform gets its traffic. Their bus is in-process too, so that nothing reaches the shared Kafka.
         cache_url = f"redis://127.0.0.1:{stack.enter_context(refused_port())}/0"
+        # And a feedback service whose Kafka is down (another refused port), for the failed events: the embedded bus
+        # cannot fail either. No topics to create; a metadata wait of 1 s, so that its sends fail within seconds.
+        bus_url = f"kafka://127.0.0.1:{stack.enter_context(refused_port())}?max_block_s=1"
+        bus_down = Service("feedback-kafka-down", ["feedback", "--bus-url", bus_url, "--cache-url", "memory://",
+                                                   "--create-topics", "false", "--publish-timeout-s", "10"],
+                           platform.root)
+        stack.callback(bus_down.stop)
         redis_down = {
             "reward": Service("reward-redis-down", ["reward", "--bus-url", "memory://", "--cache-url", cache_url,
                                                     "--model-path", str(platform.reward_path)], platform.root),
@@ -700,12 +726,16 @@ def test_every_dashboard_and_alert_query_returns_series_from_the_scraped_platfor
             stack.enter_context(prometheus.target("rlhf", service.metrics_address, component=component,
                                                   namespace=namespace))
         seen.update(drive_cache_down_traffic(redis_down["reward"], redis_down["feedback"]))
+        bus_down.ready(serving=False)  # its health says NOT_SERVING: Kafka, which it needs for every ack, is down
+        stack.enter_context(prometheus.target("rlhf", bus_down.metrics_address, component="feedback",
+                                              namespace=namespace))
+        seen.update(drive_bus_down_traffic(bus_down))
         platform.timings["traffic"] = time.monotonic() - t0
         expected_codes = {
             "invalid generate": grpc.StatusCode.INVALID_ARGUMENT, "invalid submit": grpc.StatusCode.INVALID_ARGUMENT,
-            "invalid score": grpc.StatusCode.INVALID_ARGUMENT, "oversized submit": grpc.StatusCode.UNAVAILABLE,
-            "start run": grpc.StatusCode.UNIMPLEMENTED, "broken reward load": grpc.StatusCode.FAILED_PRECONDITION,
-            "broken policy load": grpc.StatusCode.FAILED_PRECONDITION,
+            "invalid score": grpc.StatusCode.INVALID_ARGUMENT, "oversized submit": grpc.StatusCode.INVALID_ARGUMENT,
+            "start run": grpc.StatusCode.FAILED_PRECONDITION, "broken reward load": grpc.StatusCode.FAILED_PRECONDITION,
+            "broken policy load": grpc.StatusCode.FAILED_PRECONDITION, "bus down: submit": grpc.StatusCode.UNAVAILABLE,
         }
         for what, code in expected_codes.items():
             assert seen[what] == code, f"{what}: {seen[what]} (traffic: {seen})"
@@ -721,7 +751,7 @@ def test_every_dashboard_and_alert_query_returns_series_from_the_scraped_platfor
         scrapes_at_end = prometheus.query(f'count_over_time(up{{namespace="{namespace}"}}[1m])')
         prometheus.wait_for(
             f'count_over_time(up{{namespace="{namespace}"}}[1m])', timeout=QUERY_DEADLINE_S,
-            predicate=lambda now: len(now) == len(COMPONENTS) + len(redis_down) and all(
+            predicate=lambda now: len(now) == len(COMPONENTS) + len(redis_down) + 1 and all(
                 float(s["value"][1]) >= 2 + _scrapes(scrapes_at_end, s["metric"]) for s in now))
         wanted = [q for q in queries if q.key not in ALLOWED_EMPTY]
         results: dict[Query, list[dict]] = {}

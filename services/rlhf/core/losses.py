@@ -15,20 +15,22 @@ from torch import nn
 from rlhf.core.masking import masked_mean, masked_sum
 
 __all__ = [
-    "Reduction",
-    "token_mean",
-    "sequence_mean",
     "REDUCTIONS",
-    "PolicyLossOutput",
-    "PolicyLoss",
-    "ValueLossOutput",
-    "ValueLoss",
-    "entropy_from_logits",
-    "PairwiseLossOutput",
     "PairwiseLoss",
-    "RankingLossOutput",
+    "PairwiseLossOutput",
     "PairwiseRankingLoss",
     "PlackettLuceLoss",
+    "PolicyLoss",
+    "PolicyLossOutput",
+    "RankingLossOutput",
+    "Reduction",
+    "TruncatedImportanceWeights",
+    "ValueLoss",
+    "ValueLossOutput",
+    "entropy_from_logits",
+    "sequence_mean",
+    "token_mean",
+    "truncated_importance_weights",
 ]
 
 # (B, T) per-token values, (B, T) mask -> () scalar
@@ -73,17 +75,48 @@ class PolicyLoss(nn.Module):
         old_logprobs: torch.Tensor,  # (B, T) log pi_old(a_t|s_t) from the rollout
         advantages: torch.Tensor,  # (B, T)
         action_mask: torch.Tensor,  # (B, T) 1 for response tokens
+        weights: torch.Tensor | None = None,  # (B, T) detached per-token weights (importance weights), or None
     ) -> PolicyLossOutput:
         log_ratio = logprobs - old_logprobs
         ratio = torch.exp(log_ratio)
         unclipped = -advantages * ratio
         clipped = -advantages * torch.clamp(ratio, 1.0 - self.clip_eps, 1.0 + self.clip_eps)
-        loss = self.reduction(torch.maximum(unclipped, clipped), action_mask)
+        per_token = torch.maximum(unclipped, clipped)
+        if weights is not None:
+            per_token = per_token * weights
+        loss = self.reduction(per_token, action_mask)
         with torch.no_grad():
             clipfrac = masked_mean(((ratio - 1.0).abs() > self.clip_eps).to(ratio.dtype), action_mask)
             # http://joschu.net/blog/kl-approx.html: k3 with r = pi_new / pi_old under samples of pi_old.
             approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, action_mask)
         return PolicyLossOutput(loss=loss, clipfrac=clipfrac, approx_kl=approx_kl)
+
+
+@dataclass(frozen=True)
+class TruncatedImportanceWeights:
+    weights: torch.Tensor  # (B, T) min(pi_old / pi_behaviour, cap), 0 where masked; detached
+    clipfrac: torch.Tensor  # () share of response tokens whose weight was capped
+    mean_ratio: torch.Tensor  # () mean uncapped ratio over response tokens
+
+
+def truncated_importance_weights(
+    logprobs: torch.Tensor,  # (B, T) log pi_old(a_t|s_t): the learner's policy before this update
+    behaviour_logprobs: torch.Tensor,  # (B, T) log mu(a_t|s_t): the (older) policy the rollout was sampled from
+    action_mask: torch.Tensor,  # (B, T)
+    cap: float,
+) -> TruncatedImportanceWeights:
+    """Truncated importance sampling of a rollout sampled from a stale policy mu (Espeholt et al. 2018's truncated
+    weights; the "TIS" rollout correction of veRL and TRL): the PPO loss of each token is weighted by
+    min(pi_old / mu, cap), detached.  The PPO ratio stays pi / pi_old, so clipping keeps bounding the step from the
+    learner's own policy while the weight corrects for the lag between the rollout and it; the cap bounds the
+    variance that a large lag would add."""
+    with torch.no_grad():
+        mask = action_mask.bool()
+        ratio = torch.exp((logprobs - behaviour_logprobs).float())
+        weights = torch.where(mask, ratio.clamp(max=cap), torch.zeros((), device=ratio.device))
+        clipfrac = masked_mean((ratio > cap).float(), mask)
+        mean_ratio = masked_mean(ratio, mask)
+    return TruncatedImportanceWeights(weights=weights, clipfrac=clipfrac, mean_ratio=mean_ratio)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,14 @@
     6. update: several epochs of shuffled mini-batches; clipped policy and value losses; early stop at a target KL
     7. metrics, and beta's update by the KL controller
 
-``make_experience`` does 1-3, ``compute_rewards`` 4, ``compute_advantages`` 5, ``update`` 6, ``step`` all of them.
+``generate_rollout`` does 1 and 3, ``experience_from_rollout`` 2 (and the shaping of 3), ``make_experience`` 1-3,
+``compute_rewards`` 4, ``compute_advantages`` 5, ``update`` 6, ``learn`` 4-7 and ``step`` all of them.
+
+Asynchronous PPO (rollout workers apart from the learner, ``rlhf.trainer``) runs ``generate_rollout`` in the workers
+and ``experience_from_rollout`` + ``learn`` in the learner.  A rollout sampled from an older policy carries its
+``behaviour_logprobs``; the learner weighs each token's loss by the truncated importance weight
+min(pi_old / pi_behaviour, ``importance_clip``).  A rollout of the learner's own current weights needs no correction
+and is exactly the synchronous step.
 """
 from __future__ import annotations
 
@@ -28,25 +35,37 @@ from torch import nn
 
 from rlhf.core.advantages import compute_gae
 from rlhf.core.generation import SamplingParams, decode_responses, generate, left_pad
-from rlhf.core.kl import AdaptiveKLController, FixedKLController, KLController, kl_estimate
-from rlhf.core.losses import REDUCTIONS, PolicyLoss, ValueLoss, entropy_from_logits
+from rlhf.core.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    KLController,
+    kl_estimate,
+)
+from rlhf.core.losses import (
+    REDUCTIONS,
+    PolicyLoss,
+    ValueLoss,
+    entropy_from_logits,
+    truncated_importance_weights,
+)
 from rlhf.core.masking import last_token_index, masked_mean, masked_var, masked_whiten
 from rlhf.core.train_loop import SINGLE_PROCESS, DataParallel
 
 __all__ = [
-    "PPOConfig",
-    "Experience",
-    "RewardFn",
-    "PromptEncoder",
-    "ValueHead",
-    "PolicyWithValueHead",
     "CriticModel",
+    "Experience",
+    "PPOConfig",
+    "PPOTrainer",
     "PolicyAndCritic",
+    "PolicyWithValueHead",
+    "PromptEncoder",
+    "RewardFn",
+    "Rollout",
     "RunningMoments",
     "UpdateStats",
-    "PPOTrainer",
-    "logprobs_from_logits",
+    "ValueHead",
     "evaluate_policy",
+    "logprobs_from_logits",
 ]
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -111,6 +130,9 @@ class PPOConfig:
     """Horizon (in samples) of the adaptive controller: how fast beta moves."""
     target_kl: float | None = None
     """Stop this step's remaining PPO epochs once an epoch's mean approx KL(old || new) per token exceeds it."""
+    importance_clip: float = 2.0
+    """Cap of the truncated importance weight min(pi_old / pi_behaviour, cap) on the loss of a rollout sampled from
+    an older policy (asynchronous workers); rollouts of the current weights are unweighted."""
 
     # --- scores --------------------------------------------------------------------------------------------------
     missing_eos_penalty: float | None = None
@@ -156,6 +178,8 @@ class PPOConfig:
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.loss_reduction not in REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {sorted(REDUCTIONS)}, got {self.loss_reduction!r}")
+        if not self.importance_clip >= 1.0:
+            raise ValueError(f"PPOConfig.importance_clip must be >= 1, got {self.importance_clip}")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ValueError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
 
@@ -171,7 +195,38 @@ class PPOConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the rollout record
+# the rollout records
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Generated and scored responses, before any learner-side computation (what a rollout worker ships).  B rows,
+    L = P + T tokens: P prompt (left-padded), T response (right-padded)."""
+
+    prompts: list[str]  # (B,) as given to reward_fn
+    responses: list[str]  # (B,) decoded responses
+    sequences: torch.Tensor  # (B, L) prompt ids then response ids
+    attention_mask: torch.Tensor  # (B, L)
+    action_mask: torch.Tensor  # (B, T) bool; response tokens, EOS included
+    raw_scores: torch.Tensor  # (B,) reward_fn's scores
+    ended: torch.Tensor  # (B,) bool; ended with EOS / a stop token
+    behaviour_logprobs: torch.Tensor | None = None  # (B, T) log mu(a_t|s_t) of the sampling policy, 0 where masked
+
+    def __post_init__(self) -> None:
+        b = self.sequences.shape[0]
+        shapes_ok = (
+            len(self.prompts) == b == len(self.responses) == self.attention_mask.shape[0] == self.action_mask.shape[0]
+            == self.raw_scores.shape[0] == self.ended.shape[0]
+            and self.attention_mask.shape == self.sequences.shape
+            and self.action_mask.shape[1] <= self.sequences.shape[1]
+            and (self.behaviour_logprobs is None or self.behaviour_logprobs.shape == self.action_mask.shape)
+        )
+        if not shapes_ok:
+            raise ValueError(
+                f"inconsistent rollout: {b} sequences {tuple(self.sequences.shape)}, attention_mask "
+                f"{tuple(self.attention_mask.shape)}, action_mask {tuple(self.action_mask.shape)}, "
+                f"{len(self.prompts)} prompts, {len(self.responses)} responses, {self.raw_scores.shape[0]} scores"
+            )
 
 
 @dataclass(frozen=True)
@@ -192,6 +247,7 @@ class Experience:
     kl: torch.Tensor | None = None  # (B, T) per-token KL estimate used in the reward
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T) value targets
+    importance_weights: torch.Tensor | None = None  # (B, T) truncated min(pi_old / mu, cap); None = on-policy
 
     @property
     def response_length(self) -> int:
@@ -414,7 +470,8 @@ class UpdateStats:
 class PPOTrainer:
     """PPO on a causal LM against a text-based reward function.
 
-    ``policy`` is trained in place; ``ref_policy`` (None: a frozen copy of the policy as it is now) anchors the KL
+    ``policy`` is trained in place (``prompts`` may be empty and ``reward_fn`` None for a learner that only gets
+    rollouts from elsewhere: ``experience_from_rollout`` + ``learn``); ``ref_policy`` (None: a frozen copy of the policy as it is now) anchors the KL
     penalty; ``value_model`` None puts a value head on the policy (see ``PolicyWithValueHead`` for why), or give a
     separate critic, any module ``(sequences (B, L), attention_mask (B, L)) -> values (B, L)`` such as ``CriticModel``.
     Prompts are visited in a shuffled order, reshuffled each pass.  ``encode_prompt`` turns a prompt into the ids the
@@ -429,15 +486,13 @@ class PPOTrainer:
         policy: nn.Module,
         ref_policy: nn.Module | None,
         tokenizer: Any,
-        reward_fn: RewardFn,
+        reward_fn: RewardFn | None,
         prompts: Sequence[str],
         value_model: nn.Module | None = None,
         *,
         encode_prompt: PromptEncoder | None = None,
         parallel: DataParallel = SINGLE_PROCESS,
     ):
-        if len(prompts) == 0:
-            raise ValueError("PPOTrainer needs at least one prompt")
         self.config = config
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
@@ -479,6 +534,9 @@ class PPOTrainer:
             else FixedKLController(config.kl_coef)
         )
         self.reward_moments = RunningMoments()
+        # Two streams: the sampling seeds of the rollouts, and the mini-batch shuffles of the update.  Apart, so that
+        # a rollout worker (which draws seeds only) and a learner (which shuffles only) reproduce this trainer.
+        self.seed_generator = seed_generator(config.seed)
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(config.seed)
         self.global_step = 0
@@ -497,6 +555,8 @@ class PPOTrainer:
 
     def next_prompts(self) -> list[str]:
         """The next batch_size prompts in this pass's shuffled order, wrapping into the next pass."""
+        if not self.prompts:
+            raise ValueError("PPOTrainer was given no prompts: only learn() and experience_from_rollout() work")
         batch: list[str] = []
         while len(batch) < self.config.batch_size:
             order = self._pass_order()
@@ -509,48 +569,63 @@ class PPOTrainer:
 
     # --- 1-3. rollout ---------------------------------------------------------------------------------------------
 
+    def draw_seeds(self, n: int) -> list[int]:
+        """The next ``n`` per-row sampling seeds of this run."""
+        return draw_seeds(self.seed_generator, n)
+
     @torch.no_grad()
     def make_experience(self, prompts: list[str], seeds: list[int] | None = None) -> Experience:
         """Generate responses to ``prompts`` and score them: the rollout part of a PPO step. ``seeds``: one sampling
-        seed per prompt (default: drawn from the trainer's generator)."""
-        # 1. generate
-        prompt_ids, prompt_mask = left_pad([self.encode_prompt(p) for p in prompts], self.pad_token_id, self.device)
-        if seeds is None:
-            seeds = torch.randint(0, 2**62, (len(prompts),), generator=self.generator).tolist()
-        out = generate(
-            self.policy,
-            prompt_ids,
-            prompt_mask,
-            self.sampling,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            seeds=seeds,
-        )
-        action_mask = out.response_mask  # (B, T)
-        sequences = torch.cat([prompt_ids, out.response_ids], dim=1)  # (B, L)
-        attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)  # (B, L)
-        num_actions = out.response_ids.shape[1]
+        seed per prompt (default: drawn from the trainer's seed stream)."""
+        return self.experience_from_rollout(self.generate_rollout(prompts, seeds))
 
+    @torch.no_grad()
+    def generate_rollout(self, prompts: list[str], seeds: list[int] | None = None,
+                         reward_fn: RewardFn | None = None, behaviour_logprobs: bool = False) -> Rollout:
+        """Steps 1 and 3: sample a response to each prompt and score it (``reward_fn``: the trainer's by default).
+        ``behaviour_logprobs``: also keep the sampling log-probs (what an asynchronous worker ships)."""
+        reward_fn = reward_fn or self.reward_fn
+        if reward_fn is None:
+            raise ValueError("PPOTrainer was given no reward_fn: pass one to generate_rollout")
+        return generate_rollout(
+            self.policy, self.tokenizer, prompts, seeds if seeds is not None else self.draw_seeds(len(prompts)),
+            self.encode_prompt, reward_fn, self.sampling, behaviour_logprobs=behaviour_logprobs,
+        )
+
+    @torch.no_grad()
+    def experience_from_rollout(self, rollout: Rollout, off_policy: bool = False) -> Experience:
+        """Step 2 on a rollout: log-probs and values under the current weights, reference log-probs, shaped scores.
+        ``off_policy``: the rollout was sampled by other weights (its ``behaviour_logprobs``): weigh its tokens by the
+        truncated importance weights."""
+        sequences = rollout.sequences.to(self.device)
+        attention_mask = rollout.attention_mask.to(self.device)
+        action_mask = rollout.action_mask.to(self.device)
+        num_actions = action_mask.shape[1]
         # 2. log-probs, values, reference log-probs
         logprobs, values, entropy, ref_logprobs = self._evaluate_rollout(sequences, attention_mask, num_actions)
-        # 3. scores
-        ended = torch.tensor([r == "stop" for r in out.finish_reasons], device=self.device)
-        responses = decode_responses(self.tokenizer, out)
-        raw_scores = torch.as_tensor(self.reward_fn(prompts, responses), dtype=torch.float32).to(self.device).flatten()
-        if raw_scores.shape[0] != len(prompts):
-            raise ValueError(f"reward_fn returned {raw_scores.shape[0]} scores for {len(prompts)} responses")
         zeros = torch.zeros((), device=self.device)
+        logprobs = torch.where(action_mask, logprobs, zeros)
+        weights = None
+        if off_policy:
+            if rollout.behaviour_logprobs is None:
+                raise ValueError("an off-policy rollout needs its behaviour_logprobs")
+            weights = truncated_importance_weights(
+                logprobs, rollout.behaviour_logprobs.to(self.device), action_mask, self.config.importance_clip
+            ).weights
+        raw_scores = rollout.raw_scores.to(self.device, torch.float32)
+        ended = rollout.ended.to(self.device)
         return Experience(
             sequences=sequences,
             attention_mask=attention_mask,
             action_mask=action_mask,
-            logprobs=torch.where(action_mask, logprobs, zeros),
+            logprobs=logprobs,
             ref_logprobs=torch.where(action_mask, ref_logprobs, zeros),
             values=torch.where(action_mask, values, zeros),
             raw_scores=raw_scores,
             scores=self.shape_scores(raw_scores, ended),
             ended=ended,
             entropy=entropy,
+            importance_weights=weights,
         )
 
     @torch.no_grad()
@@ -678,7 +753,7 @@ class PPOTrainer:
         logits = logits.float() / cfg.temperature
         actions = mb.sequences[:, -mb.response_length :]
         logprobs = logprobs_from_logits(logits, actions)  # (mb, T)
-        pg = self.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.action_mask)
+        pg = self.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.action_mask, mb.importance_weights)
         vf = self.value_loss(values.float(), mb.values, mb.returns, mb.action_mask)
         loss = pg.loss + cfg.vf_coef * vf.loss
         if cfg.entropy_coef:  # (the entropy metric comes from the rollout; no extra softmax here without a bonus)
@@ -709,23 +784,33 @@ class PPOTrainer:
         """One PPO step on the next batch of prompts; returns its metrics."""
         t0 = time.perf_counter()
         prompts = self.next_prompts()
-        seeds = torch.randint(0, 2**62, (len(prompts),), generator=self.generator).tolist()
+        seeds = self.draw_seeds(len(prompts))
         if self.parallel.distributed:  # this rank's rows of the global batch, with the seeds they have in it
             rows = self._local_rows(len(prompts))
             prompts, seeds = [prompts[i] for i in rows], [seeds[i] for i in rows]
         exp = self.make_experience(prompts, seeds)
         t1 = time.perf_counter()
+        metrics = self.learn(exp)
+        metrics.update(time_rollout_s=t1 - t0, time_update_s=time.perf_counter() - t1)
+        return metrics
+
+    def learn(self, exp: Experience) -> dict[str, float]:
+        """Steps 4-7 on an experience batch: rewards, advantages, the PPO update, metrics, beta's update."""
         rewards, kl = self.compute_rewards(exp)
         advantages, returns = self.compute_advantages(exp, rewards)
         batch = dataclasses.replace(exp, rewards=rewards, kl=kl, advantages=advantages, returns=returns)
         stats = self.update(batch)
-        t2 = time.perf_counter()
         beta = self.kl_controller.value
         metrics = self.metrics(batch, stats, beta)
+        if batch.importance_weights is not None:
+            m = batch.action_mask.bool()
+            metrics["importance_weight"] = float(batch.importance_weights[m].mean()) if m.any() else 1.0
+            metrics["importance_clipfrac"] = (
+                float((batch.importance_weights[m] >= self.config.importance_clip).float().mean()) if m.any() else 0.0)
         # 7. beta follows the KL just measured (Ziegler et al.: n_steps = samples in the batch).
         self.kl_controller.update(metrics["kl"], n_steps=self.config.batch_size)
         self.global_step += 1
-        metrics.update(step=float(self.global_step), time_rollout_s=t1 - t0, time_update_s=t2 - t1)
+        metrics["step"] = float(self.global_step)
         return metrics
 
     def metrics(self, batch: Experience, stats: UpdateStats, beta: float) -> dict[str, float]:
@@ -817,6 +902,7 @@ class PPOTrainer:
             "data": {"epoch": self._epoch, "cursor": self._cursor},
             "rng": {
                 "generator": self.generator.get_state(),
+                "seed_generator": self.seed_generator.get_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "python": random.getstate(),
@@ -840,6 +926,8 @@ class PPOTrainer:
         self._epoch, self._cursor, self._order = int(state["data"]["epoch"]), int(state["data"]["cursor"]), None
         rng = state["rng"]
         self.generator.set_state(rng["generator"])
+        if "seed_generator" in rng:  # (checkpoints before the two streams were split have one only)
+            self.seed_generator.set_state(rng["seed_generator"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -863,6 +951,56 @@ class PPOTrainer:
         """Restore what ``save_checkpoint`` wrote; the next ``step`` continues the stopped run exactly."""
         state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         self.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rollouts (what a worker runs; the trainer's own step uses the same functions)
+
+
+def seed_generator(seed: int) -> torch.Generator:
+    """The stream of per-row sampling seeds of a run with ``seed``."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed * 7_919 + 104_729)
+    return gen
+
+
+def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
+    """The next ``n`` sampling seeds of a seed stream."""
+    return torch.randint(0, 2**62, (n,), generator=generator).tolist()
+
+
+@torch.no_grad()
+def generate_rollout(
+    policy: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    seeds: list[int],
+    encode_prompt: PromptEncoder,
+    reward_fn: RewardFn,
+    sampling: SamplingParams,
+    *,
+    behaviour_logprobs: bool = False,
+) -> Rollout:
+    """1. sample one response per prompt (row i with ``seeds[i]``), 3. score them with ``reward_fn``."""
+    device = next(policy.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompt_ids, prompt_mask = left_pad([encode_prompt(p) for p in prompts], pad, device)
+    out = generate(policy, prompt_ids, prompt_mask, sampling, eos_token_id=eos, pad_token_id=pad, seeds=seeds,
+                   return_logprobs=behaviour_logprobs)
+    action_mask = out.response_mask  # (B, T)
+    sequences = torch.cat([prompt_ids, out.response_ids], dim=1)  # (B, L)
+    attention_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)  # (B, L)
+    ended = torch.tensor([r == "stop" for r in out.finish_reasons], device=device)
+    responses = decode_responses(tokenizer, out)
+    raw_scores = torch.as_tensor(reward_fn(prompts, responses), dtype=torch.float32).to(device).flatten()
+    if raw_scores.shape[0] != len(prompts):
+        raise ValueError(f"reward_fn returned {raw_scores.shape[0]} scores for {len(prompts)} responses")
+    behaviour = None
+    if behaviour_logprobs and out.logprobs is not None:
+        behaviour = torch.where(action_mask, out.logprobs.float(), torch.zeros((), device=device))
+    return Rollout(prompts=list(prompts), responses=responses, sequences=sequences, attention_mask=attention_mask,
+                   action_mask=action_mask, raw_scores=raw_scores, ended=ended, behaviour_logprobs=behaviour)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -50,6 +50,10 @@ class Component(abc.ABC):
     def register(self, server: grpc.aio.Server) -> None:
         """Add the servicer to the server."""
 
+    def bound(self, address: str) -> None:
+        """The server's address once its port is bound (before ``start``): a component may call the other
+        services of its own server (embedded mode) there."""
+
     async def start(self) -> None:
         """Connect dependencies. Called once before the server accepts calls."""
 
@@ -138,6 +142,8 @@ class ServiceHost:
             raise RuntimeError(f"could not bind gRPC port {cfg.host}:{cfg.port} (in use?); choose another with --port")
         self._log_security()
         # 2. dependencies
+        for component in self.components:
+            component.bound(self.address)
         for component in self.components:
             await component.start()
         # 3. metrics over HTTP

@@ -57,6 +57,8 @@ class RewardClient:
         self.retry = retry or RetryPolicy()
         self.version = pinned_version
         self.versions_seen: list[str] = []
+        self.last_version = ""
+        """The reward-model version of the last reply."""
 
     def _item(self, prompt: PromptRecord | str, response: str):  # noqa: ANN202 - a generated message type
         from rlhf.v1 import common_pb2, reward_pb2
@@ -97,6 +99,7 @@ class RewardClient:
             reply = self._call(reward_pb2.ScoreRequest(items=items, version=self.version))
             if reply.reward_model_version and reply.reward_model_version not in self.versions_seen:
                 self.versions_seen.append(reply.reward_model_version)
+            self.last_version = reply.reward_model_version or self.last_version
             scores.extend(reply.scores)
         floor = min(scores) if scores else 0.0
         out = [floor] * len(responses)

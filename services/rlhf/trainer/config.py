@@ -55,6 +55,68 @@ class TrainerConfig(ServiceConfig):
     rm_seed: int = field(0, "Seed of reward-model training.")
     torch_num_threads: int = field(0, "Torch intra-op threads; 0 = torch's default.")
 
+    # -- continuous PPO: the run
+    policy_name: str = field("policy", "Model name of the policy versions on rlhf.models.v1 (the policy service's).")
+    policy_base_path: str = field(
+        "",
+        "The policy a PPO run starts from (and its KL reference) when StartRun names no parent: the served SFT "
+        "policy's save_pretrained folder; absolute, or relative to artifact_root. Empty: StartRun needs a parent.",
+    )
+    auto_start: bool = field(False, "Start a PPO run when the trainer starts (and resume the last one if it was "
+                                    "running); rlhf up sets it.")
+    ppo_steps: int = field(0, "Learner updates per run; 0 = until paused or stopped (continuous).")
+    ppo_batch_size: int = field(16, "Rollouts per PPO update (PPOConfig.batch_size; a rollout batch).")
+    ppo_mini_batches: int = field(2, "Mini-batches per PPO epoch (PPOConfig.num_mini_batches).")
+    ppo_epochs: int = field(2, "PPO epochs per update (PPOConfig.ppo_epochs).")
+    ppo_response_length: int = field(24, "Most new tokens per rollout response (PPOConfig.response_length).")
+    ppo_temperature: float = field(1.0, "Sampling temperature of rollouts (PPOConfig.temperature).")
+    ppo_learning_rate: float = field(1e-5, "Policy learning rate (PPOConfig.learning_rate).")
+    ppo_kl_coef: float = field(0.05, "beta of the KL penalty to the run's parent (PPOConfig.kl_coef).")
+    ppo_seed: int = field(0, "Seed of the run: the learner's shuffles, worker i's sampling seeds (seed + i).")
+    ppo_normalize_reward: bool = field(True, "Standardise reward-service scores with running statistics "
+                                             "(PPOConfig.normalize_reward).")
+    # -- continuous PPO: rollouts and the buffer
+    buffer_url: str = field(
+        "",
+        "The rollout buffer: redis://host:port/db (a Redis stream) or memory:// (this process). Empty: cache_url's "
+        "Redis (memory:// when the cache is in-process).",
+    )
+    reward_url: str = field(
+        "",
+        "The reward service that scores rollouts and canaries: grpc://host:port. Empty: this process's own gRPC "
+        "server (embedded mode serves the reward service beside the trainer).",
+    )
+    local_workers: int = field(1, "Rollout workers on threads of this process; 0 when every worker is its own "
+                                  "process (rlhf rollout-worker).")
+    max_staleness: int = field(1, "A rollout batch more than this many policy versions older than the learner's is "
+                                  "dropped (and counted); 0 with publish_every 1 is synchronous PPO.")
+    importance_clip: float = field(2.0, "Cap of the truncated importance weight of a stale batch "
+                                        "(PPOConfig.importance_clip).")
+    publish_every: int = field(1, "Learner updates per saved policy version (what workers load next).")
+    checkpoint_every: int = field(1, "Learner updates per checkpoint; batches are acknowledged at checkpoints.")
+    prompts_path: str = field(
+        "", "A JSONL file of RL prompts ({\"prompt\": ...} per line) added to the workers' pool besides rlhf.prompts.v1.")
+    served_share: float = field(0.5, "Share of each rollout batch taken from served traffic's prompts, when there "
+                                     "are any (the rest from rlhf.prompts.v1).")
+    exclude_products: str = field(
+        "rlhf-simulate-eval",
+        "Comma-separated products whose served prompts are never trained on (evaluation traffic, opt-outs).")
+    # -- continuous PPO: serving the versions
+    canary_percent: int = field(10, "Routing keys a new policy version gets as the canary (1..99).")
+    promote_after: int = field(50, "Served responses of a canary before it is promoted or rolled back.")
+    promote_tolerance: float = field(
+        0.0, "A canary is promoted when its served responses' mean reward >= stable's (same period) minus this.")
+    canary_sample: int = field(200, "Most served responses per version the promotion decision scores.")
+    # -- continuous PPO: reward-hacking guards
+    kl_budget: float = field(8.0, "KL to the parent (nats per response) the run may spend; <= 0 disables the guard.")
+    kl_patience: int = field(3, "Consecutive updates over the KL budget that pause the run.")
+    kl_slope_window: int = field(8, "Updates the score and KL slopes are fitted on; 0 disables the slope guard.")
+    max_kl_slope: float = field(
+        1.0, "KL rising faster than this (nats per response per update) while the score rises pauses the run.")
+    length_factor: float = field(
+        3.0, "Mean response length outside [reference / f, reference * f] pauses the run; <= 1 disables it.")
+    length_patience: int = field(3, "Consecutive updates outside the length band that pause the run.")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(bool(self.dataset_path), "dataset_path", "must not be empty")
@@ -72,3 +134,45 @@ class TrainerConfig(ServiceConfig):
         _check(self.rm_batch_size >= 1, "rm_batch_size", "must be >= 1")
         _check(self.rm_max_length >= 8, "rm_max_length", "must be >= 8")
         _check(self.torch_num_threads >= 0, "torch_num_threads", "must be >= 0")
+        _check(self.ppo_steps >= 0, "ppo_steps", "must be >= 0")
+        _check(self.ppo_batch_size >= 2, "ppo_batch_size", "must be >= 2")
+        _check(self.ppo_mini_batches >= 1 and self.ppo_batch_size % self.ppo_mini_batches == 0, "ppo_mini_batches",
+               f"must be >= 1 and divide ppo_batch_size ({self.ppo_batch_size})")
+        _check(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
+        _check(self.ppo_response_length >= 1, "ppo_response_length", "must be >= 1")
+        _check(self.ppo_temperature > 0, "ppo_temperature", "must be > 0")
+        _check(self.ppo_learning_rate > 0, "ppo_learning_rate", "must be > 0")
+        _check(self.ppo_kl_coef >= 0, "ppo_kl_coef", "must be >= 0")
+        _check(self.local_workers >= 0, "local_workers", "must be >= 0")
+        _check(self.max_staleness >= 0, "max_staleness", "must be >= 0")
+        _check(self.importance_clip >= 1, "importance_clip", "must be >= 1")
+        _check(self.publish_every >= 1, "publish_every", "must be >= 1")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(0 <= self.served_share <= 1, "served_share", "must be in [0, 1]")
+        _check(1 <= self.canary_percent <= 99, "canary_percent", "must be in 1..99")
+        _check(self.promote_after >= 1, "promote_after", "must be >= 1")
+        _check(self.promote_tolerance >= 0, "promote_tolerance", "must be >= 0")
+        _check(self.canary_sample >= 1, "canary_sample", "must be >= 1")
+        _check(self.kl_patience >= 1, "kl_patience", "must be >= 1")
+        _check(self.kl_slope_window == 0 or self.kl_slope_window >= 2, "kl_slope_window", "must be 0 or >= 2")
+        _check(self.length_patience >= 1, "length_patience", "must be >= 1")
+        _check(not self.reward_url or self.reward_url.startswith("grpc://"), "reward_url", "must be grpc://HOST:PORT")
+
+    @property
+    def rollout_buffer_url(self) -> str:
+        """The buffer actually used (buffer_url, else the cache's Redis)."""
+        return self.buffer_url or self.cache_url
+
+    @property
+    def excluded_products(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.exclude_products.split(",") if p.strip())
+
+    def ppo_config(self):
+        """The core PPOConfig of a run, from the ppo_* fields."""
+        from rlhf.core.ppo import PPOConfig
+
+        return PPOConfig(batch_size=self.ppo_batch_size, num_mini_batches=self.ppo_mini_batches,
+                         ppo_epochs=self.ppo_epochs, response_length=self.ppo_response_length,
+                         temperature=self.ppo_temperature, learning_rate=self.ppo_learning_rate,
+                         kl_coef=self.ppo_kl_coef, seed=self.ppo_seed, normalize_reward=self.ppo_normalize_reward,
+                         importance_clip=self.importance_clip)

@@ -44,6 +44,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS offsets(topic TEXT, partition INTEGER, next_offset INTEGER, PRIMARY KEY(topic, partition));
 CREATE TABLE IF NOT EXISTS responses(response_id TEXT PRIMARY KEY, prompt TEXT, messages TEXT, prompt_key TEXT,
     text TEXT, policy_version TEXT, stored_at REAL);
+CREATE INDEX IF NOT EXISTS responses_version ON responses(policy_version, stored_at);
 CREATE TABLE IF NOT EXISTS feedback(event_id TEXT PRIMARY KEY, kind TEXT, state TEXT, payload BLOB, stored_at REAL,
     topic TEXT, partition INTEGER, "offset" INTEGER, reason TEXT);
 CREATE INDEX IF NOT EXISTS feedback_pending ON feedback(stored_at) WHERE state = 'pending';
@@ -519,6 +520,26 @@ class Dataset:
         args.append(limit)
         return [{**json.loads(rec), "version": v, "kind": k, "status": s, "created_at": t}
                 for v, k, s, t, rec in self._db().execute(sql, args)]
+
+    # ------------------------------------------------------------------------------------------ served traffic
+
+    def served_count(self, policy_version: str, since: float) -> int:
+        """Responses of ``policy_version`` stored since ``since`` (Unix time)."""
+        return int(self._db().execute("SELECT COUNT(*) FROM responses WHERE policy_version=? AND stored_at>=?",
+                                      (policy_version, since)).fetchone()[0])
+
+    def served_responses(self, policy_version: str, since: float, limit: int) -> list[tuple[str, str]]:
+        """(prompt, text) of the newest ``limit`` plain-prompt responses of ``policy_version`` since ``since``."""
+        rows = self._db().execute(
+            "SELECT prompt, text FROM responses WHERE policy_version=? AND stored_at>=? AND prompt != '' "
+            "ORDER BY stored_at DESC LIMIT ?", (policy_version, since, limit))
+        return [(p, t) for p, t in rows if t.strip()]
+
+    def feedback_stored_between(self, after: float, until: float) -> list[float]:
+        """stored_at of the feedback events stored in (after, until] and used (converted)."""
+        rows = self._db().execute("SELECT stored_at FROM feedback WHERE stored_at>? AND stored_at<=? AND state=?",
+                                  (after, until, USED))
+        return [t for (t,) in rows]
 
     def get_state(self, key: str) -> str | None:
         row = self._db().execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()

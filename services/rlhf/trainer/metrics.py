@@ -45,3 +45,69 @@ def reward_published(at: float) -> None:
     global _last_published
     _last_published = at
     REWARD_PUBLISHED_AT.set(at)
+
+# ---------------------------------------------------------------------------------------------- continuous PPO
+PPO_STEPS = Counter("rlhf_trainer_ppo_steps_total", "Learner updates (PPO steps).")
+PPO_SAMPLES = Counter("rlhf_trainer_ppo_samples_total", "Rollouts the learner trained on.")
+PPO_STATS = {
+    name: Gauge(f"rlhf_trainer_ppo_{metric}", help_text)
+    for name, metric, help_text in (
+        ("rlhf_reward", "reward", "Mean RLHF reward of the last update's rollouts: score minus beta * KL."),
+        ("score", "score", "Mean reward-service score of the last update's rollouts (before shaping)."),
+        ("kl", "kl_nats", "Mean KL(policy || parent) per response of the last update (nats, summed over tokens)."),
+        ("beta", "beta", "Weight of the KL penalty (beta) of the last update."),
+        ("entropy", "entropy_nats", "Mean policy entropy per response token of the last update (nats)."),
+        ("clipfrac", "clip_fraction", "Share of tokens whose PPO ratio was clipped in the last update."),
+        ("approx_kl", "approx_kl_nats", "Mean approximate KL(old || new) per token of the last update's epochs."),
+        ("policy_loss", "policy_loss", "Mean clipped policy loss of the last update."),
+        ("value_loss", "value_loss", "Mean value loss of the last update."),
+        ("explained_variance", "explained_variance", "Explained variance of the returns by the values, last update."),
+        ("response_length", "response_length_tokens", "Mean rollout response length of the last update (tokens)."),
+        ("importance_clipfrac", "importance_clip_fraction",
+         "Share of a stale batch's tokens whose truncated importance weight was capped (0 for fresh batches)."),
+    )
+}
+PPO_PHASE_SECONDS = Histogram(
+    "rlhf_trainer_ppo_phase_duration_seconds",
+    "Time of one phase of a PPO step: generation and scoring (in the worker), buffer_wait, update, save, checkpoint.",
+    ["phase"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+BUFFER_DEPTH = Gauge("rlhf_trainer_rollout_buffer_depth", "Rollout batches in the buffer not yet acknowledged.")
+STALENESS = Histogram("rlhf_trainer_rollout_staleness_versions",
+                      "Policy versions between a rollout batch's sampler and the learner when it was read.",
+                      buckets=(0, 1, 2, 3, 4, 6, 8, 16))
+DROPPED_BATCHES = Counter("rlhf_trainer_rollout_batches_dropped_total",
+                          "Rollout batches not trained on, by reason (stale, used_already, other_run, unreadable).",
+                          ["reason"])
+ROLLOUT_BATCHES = Counter("rlhf_trainer_rollout_batches_total", "Rollout batches added to the buffer by this "
+                                                                "process's workers.")
+WEIGHT_SYNC_SECONDS = Histogram("rlhf_trainer_weight_sync_seconds",
+                                "Time from a policy version's save to the first rollout batch generated with it.",
+                                buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+POLICY_VERSION = Gauge("rlhf_trainer_policy_version_info",
+                       "1 for the learner's current policy version and for the served stable and canary ones.",
+                       ["version", "role"])
+REWARD_MODEL_VERSION = Gauge("rlhf_trainer_reward_model_version_info",
+                             "1 for the reward-model version the last rollouts were scored by.", ["version"])
+RUN_STATE = Gauge("rlhf_trainer_ppo_running", "1 while a PPO run is running, 0 otherwise.")
+GUARD_TRIPS = Counter("rlhf_trainer_ppo_guard_trips_total", "Reward-hacking guards that paused the run, by guard.",
+                      ["guard"])
+GUARD_PAUSED = Gauge("rlhf_trainer_ppo_guard_paused", "1 while the run is paused by a guard, by guard.", ["guard"])
+CANARY_DECISIONS = Counter("rlhf_trainer_canary_decisions_total", "Canary outcomes (promoted, rolled_back).",
+                           ["outcome"])
+FRESHNESS_SECONDS = Histogram(
+    "rlhf_trainer_feedback_freshness_seconds",
+    "Time from a feedback event's arrival to the first served policy version whose reward model was trained on it.",
+    buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600, 86400))
+
+
+_roles: dict[str, str] = {}
+
+
+def set_role(role: str, version: str) -> None:
+    """``version`` is now the one with ``role`` (learner, stable, canary): the info gauge follows."""
+    old = _roles.pop(role, None)
+    if old is not None:
+        POLICY_VERSION.remove(old, role)
+    if version:
+        _roles[role] = version
+        POLICY_VERSION.labels(version, role).set(1)

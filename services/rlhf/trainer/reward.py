@@ -88,11 +88,16 @@ def version_to_proto(record: dict) -> common_pb2.ModelVersion:
     """A versions-table record as the API's ModelVersion."""
     mv = common_pb2.ModelVersion(
         name=record.get("name", ""), version=record["version"],
-        kind=common_pb2.MODEL_KIND_REWARD if record["kind"] == "reward" else common_pb2.MODEL_KIND_POLICY,
+        kind=common_pb2.MODEL_KIND_REWARD if record.get("kind") == "reward" else common_pb2.MODEL_KIND_POLICY,
         parent_version=record.get("parent") or "", data_refs=record.get("data_refs", []), uri=record.get("uri", ""),
+        reward_model_version=record.get("reward_model_version", ""),
     )
     mv.created_at.FromSeconds(int(record.get("created_at", 0)))
-    labels = {"status": record["status"]}
+    labels = {k: str(v) for k, v in record.get("labels", {}).items()}
+    labels["status"] = record.get("status", "")
+    for key in ("run_id", "learner_step"):
+        if key in record:
+            labels[key] = str(record[key])
     for key in ("heldout_accuracy", "incumbent_accuracy", "comparisons", "heldout"):
         if key in record:
             labels[key] = f"{record[key]:.4f}" if isinstance(record[key], float) else str(record[key])

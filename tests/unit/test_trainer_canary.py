@@ -1,0 +1,87 @@
+"""The canary controller on a real dataset (SQLite): the newest saved version becomes the canary, older ones are
+superseded; after promote_after served responses a worse canary is rolled back and a good one promoted, with the
+events the policy service follows; Promote and Rollback by hand."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rlhf.bus import topics
+from rlhf.bus.base import Message
+from rlhf.trainer.canary import CanaryController, CanarySettings
+from rlhf.trainer.dataset import Dataset
+from rlhf.v1 import events_pb2
+
+
+def served(dataset: Dataset, version: str, texts: list[str], offset: int) -> None:
+    messages = []
+    for i, text in enumerate(texts):
+        record = events_pb2.ServedResponse(response_id=f"{version}-{offset + i}", prompt_id="p", prompt="q",
+                                           input_prompt="how do I water a plant", text=text, policy_version=version)
+        messages.append(Message(topic=topics.RESPONSES, partition=0, offset=offset + i, key=b"k",
+                                value=record.SerializeToString(), timestamp_ms=0))
+    dataset.store(messages)
+
+
+def score(prompts, responses) -> list[float]:
+    """A stand-in reward model: helpful answers mention water; noised weights write garbage."""
+    return [1.0 if "water" in r else -1.0 for r in responses]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    dataset = Dataset(str(tmp_path / "d.sqlite"))
+    events: list[events_pb2.ModelEvent] = []
+    controller = CanaryController(CanarySettings(canary_percent=10, promote_after=4), dataset, events.append, score)
+    dataset.put_version("sft", "policy", "stable", {"uri": "sft"})
+    controller.set_stable("sft")
+    return dataset, controller, events
+
+
+def save(dataset: Dataset, version: str) -> None:
+    dataset.put_version(version, "policy", "saved", {"uri": f"policy/{version}", "parent": "sft",
+                                                      "reward_model_version": "rm-1"})
+    time.sleep(0.01)  # newest first by creation time
+
+
+def status(dataset: Dataset, version: str) -> str:
+    return next(v["status"] for v in dataset.versions(kind="policy") if v["version"] == version)
+
+
+def test_a_worse_canary_is_rolled_back_and_stable_keeps_its_traffic(setup):
+    dataset, controller, events = setup
+    save(dataset, "v1")
+    save(dataset, "v2")
+    controller.tick()
+    assert status(dataset, "v1") == "superseded" and status(dataset, "v2") == "canary"
+    assert events[-1].action == events_pb2.MODEL_ACTION_PROMOTED and events[-1].traffic_percent == 10
+    assert events[-1].version.version == "v2" and events[-1].version.uri == "policy/v2"
+    served(dataset, "sft", ["pour water slowly"] * 6, 0)
+    served(dataset, "v2", ["zx qq zx"] * 3, 100)
+    assert controller.tick() is None  # 3 < promote_after
+    served(dataset, "v2", ["zx qq zx"], 200)
+    decision = controller.tick()
+    assert decision is not None and not decision.promoted and decision.canary_mean < decision.stable_mean
+    assert events[-1].action == events_pb2.MODEL_ACTION_ROLLED_BACK
+    assert events[-1].version.version == "sft" and events[-1].previous_version == "v2"
+    assert status(dataset, "v2") == "rolled_back" and controller.stable() == "sft" and controller.canary() is None
+
+
+def test_a_canary_as_good_as_stable_is_promoted_and_can_be_rolled_back_by_hand(setup):
+    dataset, controller, events = setup
+    save(dataset, "v1")
+    controller.tick()
+    served(dataset, "sft", ["pour water slowly"] * 4, 0)
+    served(dataset, "v1", ["water it every day"] * 4, 100)
+    decision = controller.tick()
+    assert decision.promoted
+    assert events[-1].action == events_pb2.MODEL_ACTION_PROMOTED and events[-1].traffic_percent == 100
+    assert controller.stable() == "v1" and status(dataset, "sft") == "superseded"
+    assert controller.rollback() == "sft"
+    assert events[-1].action == events_pb2.MODEL_ACTION_ROLLED_BACK and events[-1].previous_version == "v1"
+    assert controller.stable() == "sft" and status(dataset, "v1") == "rolled_back"
+    with pytest.raises(LookupError):
+        controller.rollback()
+    with pytest.raises(KeyError):
+        controller.promote("nope")
