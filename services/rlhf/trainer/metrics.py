@@ -76,7 +76,7 @@ STALENESS = Histogram("rlhf_trainer_rollout_staleness_versions",
                       "Policy versions between a rollout batch's sampler and the learner when it was read.",
                       buckets=(0, 1, 2, 3, 4, 6, 8, 16))
 DROPPED_BATCHES = Counter("rlhf_trainer_rollout_batches_dropped_total",
-                          "Rollout batches not trained on, by reason (stale, used_already, other_run, unreadable).",
+                          "Rollout batches not trained on, by reason (stale, used_already, unreadable, other_run, ahead).",
                           ["reason"])
 ROLLOUT_BATCHES = Counter("rlhf_trainer_rollout_batches_total", "Rollout batches added to the buffer by this "
                                                                 "process's workers.")
@@ -94,6 +94,7 @@ GUARD_TRIPS = Counter("rlhf_trainer_ppo_guard_trips_total", "Reward-hacking guar
 GUARD_PAUSED = Gauge("rlhf_trainer_ppo_guard_paused", "1 while the run is paused by a guard, by guard.", ["guard"])
 CANARY_DECISIONS = Counter("rlhf_trainer_canary_decisions_total", "Canary outcomes (promoted, rolled_back).",
                            ["outcome"])
+KL_BUDGET = Gauge("rlhf_trainer_ppo_kl_budget_nats", "The run's KL budget (nats per response; 0 = none).")
 FRESHNESS_SECONDS = Histogram(
     "rlhf_trainer_feedback_freshness_seconds",
     "Time from a feedback event's arrival to the first served policy version whose reward model was trained on it.",
@@ -101,6 +102,23 @@ FRESHNESS_SECONDS = Histogram(
 
 
 _roles: dict[str, str] = {}
+
+
+def _init_labels() -> None:
+    """Every known label value exists from the start (0), so that rates and alerts see the series before the first
+    event."""
+    from rlhf.trainer.guards import GUARDS
+
+    for guard in GUARDS:
+        GUARD_TRIPS.labels(guard)
+        GUARD_PAUSED.labels(guard).set(0)
+    for outcome in ("promoted", "rolled_back"):
+        CANARY_DECISIONS.labels(outcome)
+    for reason in ("stale", "used_already", "unreadable", "other_run", "ahead", "other"):
+        DROPPED_BATCHES.labels(reason)
+
+
+_init_labels()
 
 
 def set_role(role: str, version: str) -> None:

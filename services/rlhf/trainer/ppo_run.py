@@ -33,6 +33,9 @@ from rlhf.trainer.worker import RolloutWorker, Scorer, WorkerSettings
 log = logging.getLogger(__name__)
 
 RUNNING, PAUSED, COMPLETED, FAILED, STOPPED = "running", "paused", "completed", "failed", "stopped"
+DROP_REASONS = (("used already", "used_already"), ("unreadable", "unreadable"), ("batch of run", "other_run"),
+                ("from a version", "ahead"))
+"""StepResult.reason prefixes -> the reason label of rlhf_trainer_rollout_batches_dropped_total."""
 
 
 def guard_config(c: TrainerConfig) -> GuardConfig:
@@ -110,6 +113,7 @@ class PPORun:
     def start(self, state: str = RUNNING) -> None:
         """Load the parent (or the checkpoint), then run the learner and the local workers."""
         self.learner = self._build_learner()
+        metrics.KL_BUDGET.set(max(0.0, self.config.kl_budget))
         self.state = state
         self._publish_progress()
         metrics.set_role("learner", self.learner.version)
@@ -228,7 +232,8 @@ class PPORun:
 
     def _record(self, result: StepResult) -> None:
         if not result.used:
-            reason = "stale" if result.staleness > 0 else result.reason.split(":")[0].replace(" ", "_")
+            reason = "stale" if result.staleness > 0 else next(
+                (label for prefix, label in DROP_REASONS if result.reason.startswith(prefix)), "other")
             metrics.DROPPED_BATCHES.labels(reason).inc()
             if result.staleness:
                 metrics.STALENESS.observe(result.staleness)
