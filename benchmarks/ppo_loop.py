@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""PPO samples per second through the full service stack against the core's in-process trainer on the same config.
+
+    python benchmarks/ppo_loop.py --steps 12 --batch-size 8 --response-length 16
+    python benchmarks/ppo_loop.py --buffer-url "$RLHF_REDIS_URL?key_prefix=bench:"     # the Redis stream buffer
+
+* ``core``: ``rlhf.core.ppo.PPOTrainer.step`` in this process: generation, scoring by the reward model in process,
+  the update, all on one thread.
+* ``stack``: the embedded platform on a real gRPC socket: a rollout worker thread generates, scores through the
+  reward service over gRPC and adds batches to the rollout buffer; the learner thread reads them and updates;
+  versions are saved every update (publish_every 1) and checkpoints written (checkpoint_every 1), as the trainer runs
+  by default. Samples/s are measured over the learner's steps after the first (the first loads the models).
+
+Both use the same initial tiny policy and reward model, batch size, response length, epochs and seed. The stack's
+phase shares (generation, scoring, buffer_wait, update, save, checkpoint) come from its
+``rlhf_trainer_ppo_phase_duration_seconds`` histogram. Goal: stack >= 0.8x core. Run on a quiet machine: the two
+sides run one after the other and a busy core moves either by 2x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def core_rate(root: str, args: argparse.Namespace) -> float:
+    from rlhf.bootstrap import ensure_initial_policy, ensure_initial_reward_model
+    from rlhf.core.models import load_causal_lm, load_reward_model
+    from rlhf.core.ppo import PPOConfig, PPOTrainer
+    from rlhf.core.tokenizer import format_prompt
+    from rlhf.sim.world import split_prompts
+
+    policy, tokenizer = load_causal_lm(ensure_initial_policy(root))
+    reward = load_reward_model(ensure_initial_reward_model(root))
+    prompts = [p.text for p in split_prompts()[0]]
+    config = PPOConfig(batch_size=args.batch_size, num_mini_batches=2, ppo_epochs=args.epochs,
+                       response_length=args.response_length, learning_rate=1e-5, normalize_reward=True)
+    trainer = PPOTrainer(config, policy, None, tokenizer, lambda ps, rs: reward.score(ps, rs), prompts,
+                         encode_prompt=lambda t: tokenizer(format_prompt(tokenizer, t), add_special_tokens=False)[
+                             "input_ids"])
+    trainer.step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.step()
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def stack_rate(root: str, args: argparse.Namespace) -> tuple[float, dict[str, float]]:
+    from prometheus_client import REGISTRY
+
+    from rlhf.embedded import EmbeddedConfig, build_components
+    from rlhf.serving.server import ServiceHost
+    from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+    from support.hosting import HostThread
+
+    os.environ.update({
+        "RLHF_TRAINER_PPO_BATCH_SIZE": str(args.batch_size), "RLHF_TRAINER_PPO_MINI_BATCHES": "2",
+        "RLHF_TRAINER_PPO_EPOCHS": str(args.epochs), "RLHF_TRAINER_PPO_RESPONSE_LENGTH": str(args.response_length),
+        "RLHF_TRAINER_KL_BUDGET": "0", "RLHF_TRAINER_MIN_NEW_COMPARISONS": "0",
+        "RLHF_TRAINER_BUFFER_URL": args.buffer_url,
+    })
+    config = EmbeddedConfig(port=0, metrics_port=-1, artifact_root=root)
+    components, _, _ = build_components(config)
+    with HostThread(lambda: ServiceHost(config, components)) as host:
+        stub = trainer_pb2_grpc.TrainerServiceStub(host.channel())
+
+        def step() -> int:
+            return stub.GetStatus(trainer_pb2.GetStatusRequest()).step
+
+        while step() < 1:
+            time.sleep(0.05)
+        phases0 = phase_sums(REGISTRY)
+        first, start = step(), time.perf_counter()
+        while step() < first + args.steps:
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - start
+        done = step() - first
+        phases1 = phase_sums(REGISTRY)
+    spent = {k: phases1[k] - phases0.get(k, 0.0) for k in phases1}
+    total = sum(spent.values()) or 1.0
+    return done * args.batch_size / elapsed, {k: round(v / total, 3) for k, v in sorted(spent.items())}
+
+
+def phase_sums(registry) -> dict[str, float]:
+    out = {}
+    for phase in ("generation", "scoring", "buffer_wait", "update", "save", "checkpoint"):
+        out[phase] = registry.get_sample_value("rlhf_trainer_ppo_phase_duration_seconds_sum", {"phase": phase}) or 0.0
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--response-length", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--buffer-url", default="memory://")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of both sides")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ["RLHF_TRAINER_TORCH_NUM_THREADS"] = str(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # no out/demo: both sides use the tiny initial models
+        core = core_rate(os.path.join(tmp, "core"), args)
+        stack, shares = stack_rate(os.path.join(tmp, "stack"), args)
+    print(json.dumps({"core_samples_per_s": round(core, 2), "stack_samples_per_s": round(stack, 2),
+                      "ratio": round(stack / core, 3), "stack_phase_share": shares, "config": vars(args)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
