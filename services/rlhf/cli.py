@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("rlhf.train.sft", "fine-tune a causal LM on demonstrations (JSONL); torchrun for many processes"),
     "rm": ("rlhf.train.rm", "train a reward model on preference pairs or rankings (JSONL)"),
     "ppo": ("rlhf.train.ppo", "optimise a policy with PPO against a reward model (a folder or grpc://HOST:PORT)"),
+    "simulate": ("rlhf.sim.simulate", "play simulated users and annotators against a running platform and report"),
 }
 
 

@@ -2,7 +2,8 @@
 
 Why not matplotlib: the demo needs one figure of a few lines, and matplotlib (with its compiled dependencies) would be
 the package's largest dependency for it. This draws stacked panels, each with a frame, a y range, tick labels and a
-title in a 5x7 bitmap font, and polylines; nothing more.
+title in a 5x7 bitmap font, polylines, and dashed reference lines (horizontal, or vertical markers of events such as
+a model version change); nothing more.
 """
 from __future__ import annotations
 
@@ -109,12 +110,24 @@ class Series:
     color: Color | None = None
 
 
+@dataclass(frozen=True)
+class Marker:
+    """A dashed vertical line at ``x`` (an event: e.g. the time a new model version was first served)."""
+
+    x: float
+    label: str = ""
+    """Drawn beside the foot of the line, inside the panel (the legend is at the top); empty for none."""
+    color: Color = (120, 120, 120)
+
+
 @dataclass
 class Panel:
     title: str
     series: list[Series] = field(default_factory=list)
     hline: float | None = None
     """A dashed horizontal reference line (e.g. the KL budget)."""
+    markers: list[Marker] = field(default_factory=list)
+    """Dashed vertical lines; their x values widen the shared x axis when they fall outside the series."""
 
 
 def _fmt(v: float) -> str:
@@ -137,6 +150,7 @@ def render_panels(panels: Sequence[Panel], x_label: str = "", width: int = 640, 
     height = len(panels) * (panel_height + margin_t + margin_b) + 20
     canvas = Canvas(width, height)
     xs = [v for p in panels for s in p.series for v in _finite(s.x)]
+    xs += _finite([m.x for p in panels for m in p.markers])
     x_min, x_max = (min(xs), max(xs)) if xs else (0.0, 1.0)
     if x_max == x_min:
         x_max = x_min + 1
@@ -170,7 +184,18 @@ def render_panels(panels: Sequence[Panel], x_label: str = "", width: int = 640, 
             y = py(panel.hline)
             for x in range(left, right, 8):
                 canvas.line(x, y, min(x + 4, right), y, (120, 120, 120))
-        # 3. the series, and a legend at the top right
+        # 3. the vertical markers, dashed, each with its label beside its foot
+        for m in panel.markers:
+            if not math.isfinite(m.x):
+                continue
+            x = px(m.x)
+            for y0 in range(top + 1, bottom, 8):
+                canvas.line(x, y0, x, min(y0 + 4, bottom - 1), m.color)
+            if m.label:
+                label_w = len(m.label) * (GLYPH_W + 1)
+                label_x = int(x) + 3 if x + 3 + label_w <= right else int(x) - 3 - label_w
+                canvas.text(max(left + 1, label_x), bottom - GLYPH_H - 3, m.label, m.color)
+        # 4. the series, and a legend at the top right
         for k, s in enumerate(panel.series):
             color = s.color or PALETTE[k % len(PALETTE)]
             points = [(px(x), py(y)) for x, y in zip(s.x, s.y) if y is not None and math.isfinite(y)]
