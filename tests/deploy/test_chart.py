@@ -503,7 +503,7 @@ def test_prometheus_rule_groups_pass_promtool(helm3: Path, promtool: Path, tmp_p
 
 def test_dashboards_ship_as_labelled_config_maps(helm3: Path) -> None:
     sources = {p.name: p.read_text() for p in (REPO / "deploy" / "grafana" / "dashboards").glob("*.json")}
-    assert set(sources) == {"serving.json", "feedback.json", "reward.json"}
+    assert set(sources) == {"serving.json", "feedback.json", "reward.json", "training.json"}
     docs = render(helm3, "--set", "monitoring.dashboards.enabled=true")
     maps = [d for d in docs if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"]["labels"]]
     assert {name for m in maps for name in m["data"]} == set(sources)
@@ -514,7 +514,7 @@ def test_dashboards_ship_as_labelled_config_maps(helm3: Path) -> None:
     custom = render(helm3, "--set", "monitoring.dashboards.enabled=true", "--set", "monitoring.dashboards.label=dash",
                     "--set", "monitoring.dashboards.labelValue=rlhf", "--set", "monitoring.dashboards.namespace=grafana")
     maps = [d for d in custom if d["kind"] == "ConfigMap" and "dash" in d["metadata"]["labels"]]
-    assert len(maps) == 3 and all(m["metadata"]["labels"]["dash"] == "rlhf" for m in maps)
+    assert len(maps) == len(sources) and all(m["metadata"]["labels"]["dash"] == "rlhf" for m in maps)
     assert all(m["metadata"]["namespace"] == "grafana" for m in maps)
 
 

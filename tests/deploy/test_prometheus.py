@@ -76,8 +76,9 @@ def exported_metrics() -> dict[str, set[str]]:
                 add(name, kind, labels)
             continue
         for value in vars(module).values():
-            if isinstance(value, MetricWrapperBase):
-                add(value._name, value._type, set(value._labelnames))
+            for metric in (value.values() if isinstance(value, dict) else (value,)):  # a dict of metrics too
+                if isinstance(metric, MetricWrapperBase):
+                    add(metric._name, metric._type, set(metric._labelnames))
     return out
 
 
@@ -199,7 +200,7 @@ def dashboard_queries(board: dict) -> list[tuple[str, str]]:
 
 
 def test_dashboards_structure() -> None:
-    assert {p.stem for p in DASHBOARDS} == {"serving", "feedback", "reward"}
+    assert {p.stem for p in DASHBOARDS} == {"serving", "feedback", "reward", "training"}
     uids = set()
     for path in DASHBOARDS:
         board = json.loads(path.read_text())

@@ -83,7 +83,8 @@ class TrainerConfig(ServiceConfig):
     )
     reward_url: str = field(
         "",
-        "The reward service that scores rollouts and canaries: grpc://host:port. Empty: this process's own gRPC "
+        "The reward service that scores rollouts and canaries: grpc://host:port (or host:port). Empty: this "
+        "process's own gRPC "
         "server (embedded mode serves the reward service beside the trainer).",
     )
     local_workers: int = field(1, "Rollout workers on threads of this process; 0 when every worker is its own "
@@ -156,7 +157,8 @@ class TrainerConfig(ServiceConfig):
         _check(self.kl_patience >= 1, "kl_patience", "must be >= 1")
         _check(self.kl_slope_window == 0 or self.kl_slope_window >= 2, "kl_slope_window", "must be 0 or >= 2")
         _check(self.length_patience >= 1, "length_patience", "must be >= 1")
-        _check(not self.reward_url or self.reward_url.startswith("grpc://"), "reward_url", "must be grpc://HOST:PORT")
+        _check(not self.reward_url or self.reward_url.removeprefix("grpc://").rpartition(":")[2].isdigit(),
+               "reward_url", "must be grpc://HOST:PORT (or HOST:PORT)")
 
     @property
     def rollout_buffer_url(self) -> str:

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     feed.start()
     buffer = open_buffer(config.rollout_buffer_url)
     token = (config.admin_token or config.auth_token).split(",")[0].strip()
-    client = RewardClient(config.reward_url, token=token)
+    client = RewardClient("grpc://" + config.reward_url.removeprefix("grpc://"), token=token)
 
     def score(prompts, responses) -> ScoredBatch:
         return ScoredBatch(client(list(prompts), list(responses)), client.last_version)
