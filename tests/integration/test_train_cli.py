@@ -35,8 +35,8 @@ pytestmark = pytest.mark.slow
 SERVER = dict(host="127.0.0.1", port=0, metrics_port=-1, health_interval_s=0.2, shutdown_grace_s=1.0)
 SFT = ["--num-steps", "40", "--batch-size", "8", "--learning-rate", "3e-3", "--warmup-steps", "2"]
 RM = ["--num-epochs", "4", "--batch-size", "8", "--learning-rate", "3e-3"]
-PPO = ["--steps", "12", "--batch-size", "8", "--num-mini-batches", "2", "--ppo-epochs", "2", "--response-length",
-       "16", "--learning-rate", "1e-3", "--value-learning-rate", "1e-3", "--kl-coef", "0.01"]
+PPO = ["--steps", "12", "--batch-size", "16", "--num-mini-batches", "2", "--ppo-epochs", "2", "--response-length",
+       "16", "--learning-rate", "5e-4", "--value-learning-rate", "1e-3", "--kl-coef", "0.01"]
 COMMON = ["--threads", "1", "--no-progress"]
 
 

@@ -69,10 +69,11 @@ class WorkerSettings:
 class PolicyHolder:
     """The weights a worker generates with: one causal LM, reloaded when the learner publishes a new version."""
 
-    def __init__(self, load: Callable[[str], tuple[Any, Any]] | None = None) -> None:
+    def __init__(self, load: Callable[[str], tuple[Any, Any]] | None = None, device: str = "cpu") -> None:
         from rlhf.core.models import load_causal_lm
 
         self._load = load or load_causal_lm
+        self.device = device
         self.model: Any = None
         self.tokenizer: Any = None
         self.version = ""
@@ -87,6 +88,7 @@ class PolicyHolder:
         path = progress.uri if os.path.isabs(progress.uri) else os.path.join(artifact_root, progress.uri)
         if not (progress.run_id == self.run_id and self._load_weights(path)):
             model, tokenizer = self._load(path)
+            model.to(self.device)
             model.eval()
             model.requires_grad_(False)
             self.model, self.tokenizer = model, tokenizer

@@ -32,12 +32,23 @@ class RolloutWorkerConfig(TrainerConfig):
     metrics_port: int = field(9106, "Port of /metrics (also the liveness probe); 0 picks a free one; -1 disables it.")
     worker_name: str = field("", "This worker's name in the buffer and its logs; empty = the host name.")
     worker_index: int = field(-1, "Offsets this worker's sampling seeds (seed + index); -1 = a hash of its name.")
+    device: str = field("auto", "Where the worker generates: cpu, cuda, cuda:N, or auto (cuda when available).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(not self.rollout_buffer_url.startswith("memory:"), "buffer_url",
                "must be a Redis (redis://host:port/db): an in-process buffer cannot reach the learner")
         _check(bool(self.reward_url), "reward_url", "is required: grpc://HOST:PORT of the reward service")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+               "must be cpu, cuda, cuda:N or auto")
+
+    @property
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
     def name(self) -> str:
@@ -90,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from rlhf.trainer.ppo_run import worker_settings
     from rlhf.trainer.prompt_feed import PromptFeed
     from rlhf.trainer.rollouts import PromptPool
-    from rlhf.trainer.worker import RolloutWorker, ScoredBatch
+    from rlhf.trainer.worker import PolicyHolder, RolloutWorker, ScoredBatch
 
     pool = PromptPool(seed=config.ppo_seed + config.index, served_share=config.served_share)
     if config.prompts_path:
@@ -114,10 +125,10 @@ def run(args: argparse.Namespace) -> int:
             worker.first_rollout_delay_s = None
 
     worker = RolloutWorker(worker_settings(config, config.index, config.name), buffer, pool, score,
-                           on_batch=on_batch)
+                           holder=PolicyHolder(device=config.torch_device), on_batch=on_batch)
     if config.metrics_port >= 0:
         start_http_server(config.metrics_port, addr=config.host)
-    print(f"rlhf rollout-worker {config.name}: buffer {config.rollout_buffer_url.split('@')[-1]}, reward "
+    print(f"rlhf rollout-worker {config.name} on {config.torch_device}: buffer {config.rollout_buffer_url.split('@')[-1]}, reward "
           f"{config.reward_url}, {sum(pool.sizes().values())} prompts from {config.prompts_path or 'the topics'}",
           flush=True)
     worker.run(stop)
