@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from support.private_redis import PrivateRedis
+
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "deploy" / "local" / "infra.py"
 INFRA_FIXTURES = {"kafka_bootstrap", "redis_url", "prometheus", "kafka_broker", "private_redis"}
@@ -150,47 +152,6 @@ def kafka_broker(infra: Infra, kafka_bootstrap: str) -> Iterator[KafkaBroker]:
 
 
 # --------------------------------------------------------------------------------------------- Redis outages
-
-
-class PrivateRedis:
-    """A Redis server of one test's own (so that stopping it disturbs no other test), on a free loopback port."""
-
-    def __init__(self, workdir: Path) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        import shutil
-
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        import socket
-
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not answer")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 @pytest.fixture

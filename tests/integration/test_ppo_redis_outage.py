@@ -4,9 +4,6 @@ dropped, skipped or still buffered (counted against the stream). Redis runs with
 production Redis holding acknowledged batches would."""
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 
@@ -20,37 +17,9 @@ from rlhf.trainer.config import TrainerConfig
 from rlhf.trainer.ppo_run import RUNNING, PPORun, RunSpec
 from rlhf.trainer.rollouts import PoolPrompt, PromptPool, prompt_id_of
 from rlhf.trainer.worker import ScoredBatch
+from support.private_redis import PrivateRedis
 from support.waiting import wait_for
 from unit.core.ppo_testing import PROMPTS, tiny_gpt2, tiny_tokenizer
-
-
-class DurableRedis:
-    def __init__(self, workdir) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._answers, timeout=10, what="redis-server answering")
-
-    def _answers(self) -> bool:
-        try:
-            return redis.Redis(port=self.port, socket_timeout=0.2).ping()
-        except redis.exceptions.RedisError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
 
 
 def yes_fraction(prompts, responses) -> ScoredBatch:
@@ -59,7 +28,7 @@ def yes_fraction(prompts, responses) -> ScoredBatch:
 
 @pytest.mark.slow
 def test_the_run_waits_out_a_redis_outage_and_loses_no_batch(tmp_path, redis_url):  # redis_url: redis-server installed
-    server = DurableRedis(tmp_path)
+    server = PrivateRedis(tmp_path, durable=True)
     server.start()
     root = tmp_path / "artifacts"
     save_artifact(str(root / "policy" / "parent"), tiny_gpt2(seed=0), tiny_tokenizer(),

@@ -119,20 +119,34 @@ class RedisRolloutBuffer(RolloutBuffer):
         return entry.decode() if isinstance(entry, bytes) else str(entry)
 
     def read(self, consumer: str, count: int = 1, block_s: float = 1.0, pending: bool = False) -> list[BufferEntry]:
+        live: list[tuple[str, dict]] = []
         if pending:
-            reply = self._grouped("reading pending batches", self._client.xreadgroup, GROUP, consumer,
-                                  {self.key: "0"}, count=count)
+            # This consumer's unacknowledged entries, oldest first. Entries deleted without XACK (another process
+            # acknowledged-and-deleted them) come back with no fields: acknowledge those and read on past them, so
+            # that a run of them ahead of live entries does not hide the live ones.
+            after = "0"
+            while len(live) < count:
+                reply = self._grouped("reading pending batches", self._client.xreadgroup, GROUP, consumer,
+                                      {self.key: after}, count=count - len(live))
+                entries = [(eid, fields) for _, items in (reply or []) for eid, fields in items]
+                if not entries:
+                    break
+                live += self._live(entries)
+                after = entries[-1][0]
         else:
             block_ms = max(1, int(block_s * 1000)) if block_s > 0 else None
             reply = self._grouped("reading rollout batches", self._read_blocking, consumer, count, block_ms)
-        entries = [(eid, fields) for _, items in (reply or []) for eid, fields in items]
-        gone = [eid for eid, fields in entries if not fields]  # acknowledged-and-deleted entries left in the PEL
-        if gone:
-            self._call("dropping deleted entries", self._client.xack, self.key, GROUP, *gone)
-        live = [(eid.decode(), fields) for eid, fields in entries if fields]
+            live = self._live([(eid, fields) for _, items in (reply or []) for eid, fields in items])
         deliveries = self._deliveries([eid for eid, _ in live]) if pending else {}
         return [BufferEntry(entry_id=eid, batch_id=fields[b"batch_id"].decode(), payload=fields[b"payload"],
                             deliveries=deliveries.get(eid, 1)) for eid, fields in live]
+
+    def _live(self, entries: list[tuple[bytes, dict]]) -> list[tuple[str, dict]]:
+        """The entries that still have their fields; the deleted ones (left in the PEL) are acknowledged."""
+        gone = [eid for eid, fields in entries if not fields]
+        if gone:
+            self._call("dropping deleted entries", self._client.xack, self.key, GROUP, *gone)
+        return [(eid.decode(), fields) for eid, fields in entries if fields]
 
     def _read_blocking(self, consumer: str, count: int, block_ms: int | None) -> Any:
         if block_ms is None:
