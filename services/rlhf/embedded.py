@@ -115,8 +115,12 @@ def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryB
         auto_start=trainer_config.auto_start or "RLHF_TRAINER_AUTO_START" not in os.environ,
         buffer_url=trainer_config.buffer_url or "memory://")
     trainer = TrainerComponent(trainer_config, bus=bus, cache=cache)
-    if not (config.policy_model_path or os.environ.get("RLHF_POLICY_MODEL_PATH")):
-        publish_builtin_prompts(bus, trainer_config.topic_partitions)  # the built-in task's policy: its training prompts are the RL prompts
+    chosen = config.policy_model_path or os.environ.get("RLHF_POLICY_MODEL_PATH")
+    demo = os.path.abspath(os.path.dirname(config.demo_policy))
+    if not chosen or os.path.commonpath([demo, os.path.abspath(chosen)]) == demo:
+        # The built-in task's policy (the demo's PPO or SFT policy, or the tiny initial one): the task's training
+        # prompts are the RL prompts.
+        publish_builtin_prompts(bus, trainer_config.topic_partitions)
     return [feedback, policy, reward, trainer], bus, cache
 
 

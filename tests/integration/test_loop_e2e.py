@@ -186,3 +186,80 @@ def direct_accuracy(dataset_path: Path, base: Path, comparisons: int) -> float:
         return heldout_accuracy(model, held)
     finally:
         torch.set_num_threads(before)
+
+
+def test_simulated_feedback_becomes_a_reward_model_and_ppo_versions_that_are_served_and_promoted(
+        tmp_path, sft_policy, kafka_bootstrap, redis_url):
+    """Trainer part 2 end to end, each service its own process (policy, feedback, reward, trainer, a rollout worker)
+    and `rlhf simulate` as the product: its feedback trains a reward model (part 1), the reward service serves it,
+    the worker's rollouts are scored by it through the Redis buffer, the learner publishes versions, the canary
+    controller promotes one, and held-out gold of served responses rises."""
+    import json
+
+    from rlhf.sim.world import split_prompts as world_prompts
+    from rlhf.trainer.dataset import Dataset
+
+    run = uuid.uuid4().hex[:8]
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    ports = {name: free_port() for name in ("policy", "feedback", "reward", "trainer")}
+    bus, cache = f"kafka://{kafka_bootstrap}", redis_url
+    common = ["--metrics-port", "-1", "--health-interval-s", "0.5", "--cache-url", cache]
+    policy_name, reward_name = f"policy-ppo-e2e-{run}", f"reward-ppo-e2e-{run}"
+    dataset = tmp_path / "trainer" / "dataset.sqlite"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in world_prompts(0.2, seed=0)[0]))
+    rl = ["--buffer-url", f"{redis_url}?key_prefix=ppo-e2e-{run}:", "--reward-url", f"127.0.0.1:{ports['reward']}",
+          "--policy-name", policy_name, "--artifact-root", str(root), "--torch-num-threads", "1",
+          "--ppo-batch-size", "16", "--ppo-response-length", "16", "--ppo-learning-rate", "1e-4", "--ppo-kl-coef", "0.1",
+          "--publish-every", "4", "--max-staleness", "2", "--prompts-path", str(prompts), "--served-share", "0"]
+    commands = {
+        "policy": ["policy", "--port", str(ports["policy"]), *common, "--bus-url", bus, "--model-path", str(sft_policy),
+                   "--artifact-root", str(root), "--model-name", policy_name, "--torch-num-threads", "1"],
+        "feedback": ["feedback", "--port", str(ports["feedback"]), *common, "--bus-url", bus],
+        "reward": ["reward", "--port", str(ports["reward"]), *common, "--bus-url", bus, "--artifact-root", str(root),
+                   "--model-name", reward_name, "--torch-num-threads", "1"],
+        "trainer": ["trainer", "--port", str(ports["trainer"]), *common, "--bus-url", f"{bus}?auto_offset_reset=latest",
+                    "--dataset-path", str(dataset), "--group-id", f"trainer-ppo-e2e-{run}",
+                    "--reward-model-name", reward_name, "--reward-base-path", str(sft_policy),
+                    "--min-new-comparisons", "60", "--heldout-share", "0.25", "--min-heldout", "5", "--rm-epochs", "2",
+                    "--rm-batch-size", "8", "--rm-learning-rate", "1e-3", "--housekeeping-s", "0.5",
+                    "--policy-base-path", str(sft_policy), "--auto-start", "true", "--local-workers", "0",
+                    "--canary-percent", "50", "--promote-after", "15", *rl],
+        "worker": ["rollout-worker", "--bus-url", bus, *rl],
+    }
+    channels = {name: grpc.insecure_channel(f"127.0.0.1:{port}") for name, port in ports.items()}
+    out = tmp_path / "sim"
+    with processes(commands, tmp_path) as procs:
+        # (the reward service has no model until part 1 publishes one: it answers NOT_SERVING until then)
+        wait_for(lambda: serving(channels["policy"]) and serving(channels["feedback"]), 120, "policy and feedback",
+                 procs)
+        trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
+        wait_for(lambda: {lag.topic for lag in trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=2).lag}
+                 == {"rlhf.feedback.v1", "rlhf.responses.v1"}, 120, "the trainer joined", procs)
+        targets = ["--target", f"127.0.0.1:{ports['policy']}", "--feedback-target", f"127.0.0.1:{ports['feedback']}",
+                   "--reward-target", f"127.0.0.1:{ports['reward']}", "--trainer-target", f"127.0.0.1:{ports['trainer']}"]
+        sim = subprocess.run([sys.executable, "-m", "rlhf", "simulate", *targets, "--minutes", "4", "--window-s", "20",
+                              "--report-every", "20", "--max-new-tokens", "16", "--head-to-head", "2", "--seed", "3",
+                              "--out", str(out)], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+        (tmp_path / "simulate.log").write_text(sim.stdout + sim.stderr)
+        assert sim.returncode == 0, sim.stdout + sim.stderr
+        for channel in channels.values():
+            channel.close()
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+    summary = json.loads((out / "simulate.json").read_text())["summary"]
+    versions = Dataset(str(dataset)).versions(kind="policy", limit=10_000)
+    rewards = Dataset(str(dataset)).versions(kind="reward", limit=100)
+    # 1. part 1 trained a reward model on the simulated feedback and the rollouts were scored with it
+    assert any(r["status"] == "published" for r in rewards), logs
+    ppo = [v for v in versions if v.get("run_id")]
+    assert len(ppo) >= 2 and all(v.get("reward_model_version", "").startswith(reward_name) for v in ppo), logs
+    # 2. one was promoted: served as stable (the parent's traffic went to it)
+    promoted = [v for v in ppo if v["status"] == "stable" or v.get("was_stable")]
+    assert promoted, [(v["version"], v["status"]) for v in versions]
+    assert set(summary["versions_seen"]) & {v["version"] for v in promoted}, summary["versions_seen"]
+    # 3. held-out gold of served responses: last window above the first, and the end's stable wins the head-to-head
+    first, last = summary["first_window_gold_held_out"], summary["last_window_gold_held_out"]
+    assert last > first, (first, last, sim.stdout)
+    assert summary["head_to_head"]["win_rate"] > 0.5, (summary["head_to_head"], sim.stdout)

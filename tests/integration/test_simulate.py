@@ -26,6 +26,7 @@ from rlhf.bus.memory import InMemoryBus
 from rlhf.embedded import EmbeddedConfig, build_components
 from rlhf.serving.server import ServiceHost
 from rlhf.sim.simulate import EVAL_PRODUCT, PRODUCT
+from rlhf.sim.world import split_prompts
 from rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from support import waiting
 from support.hosting import HostThread
@@ -98,7 +99,8 @@ def test_simulate_plays_a_product_against_the_embedded_platform(platform, tmp_pa
     out = tmp_path / "out"
 
     proc = subprocess.run(
-        simulate_command(platform.address, out, "0.3", "--report-every", "2", "--window-s", "6", "--seed", "1"),
+        simulate_command(platform.address, out, "0.3", "--report-every", "2", "--window-s", "6", "--seed", "1",
+                         "--head-to-head", "1"),
         capture_output=True, text=True, timeout=120, env=environment(), cwd=tmp_path, check=False)
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -128,6 +130,13 @@ def test_simulate_plays_a_product_against_the_embedded_platform(platform, tmp_pa
     assert summary["first_window_gold_held_out"] is not None
     assert summary["feedback_sent"] > 0 and summary["feedback_accepted"] == summary["feedback_sent"]
     assert "token" not in result["config"]
+    # 2. the head-to-head: every held-out prompt answered by the stable version of the start and of the end, pinned
+    h2h = summary["head_to_head"]
+    assert h2h is not None, proc.stdout
+    assert h2h["start_version"] == stable and h2h["end_version"], h2h
+    assert h2h["pairs"] == len(split_prompts(0.2, seed=0)[1]) and 0.0 <= h2h["win_rate"] <= 1.0, h2h
+    assert f"head-to-head baseline: {stable} on {h2h['pairs']} held-out answers" in proc.stdout
+    assert f"{h2h['end_version']} wins {h2h['win_rate']:.1%} against {stable}" in proc.stdout
 
     # 2. the feedback reached the trainer
     waiting.wait_for(lambda: trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10).feedback_events_consumed
@@ -137,7 +146,7 @@ def test_simulate_plays_a_product_against_the_embedded_platform(platform, tmp_pa
     served = [events_pb2.ServedResponse.FromString(v) for v in read_all(platform.bus, topics.RESPONSES, "t-responses")]
     product_of = {r.response_id: r.product for r in served}
     assert {r.product for r in served} == {PRODUCT, EVAL_PRODUCT}
-    assert all(r.routing_key.startswith("user-") for r in served)
+    assert all(r.routing_key.startswith(("user-", "head-to-head-")) for r in served)  # users; the head-to-head
     records = [r for r in (events_pb2.FeedbackRecord.FromString(v)
                            for v in read_all(platform.bus, topics.FEEDBACK, "t-feedback"))
                if r.event.event_id.startswith(f"sim-{result['run_id']}-")]  # this run's, not another test's

@@ -45,7 +45,7 @@ def test_targets_are_host_port_and_errors_name_the_option():
     ({"minutes": 0.0}, "--minutes"), ({"minutes": float("inf")}, "--minutes"), ({"concurrency": 0}, "--concurrency"),
     ({"eval_share": 1.5}, "--eval-share"), ({"report_every_s": 0.0}, "--report-every"),
     ({"window_s": -1.0}, "--window-s"), ({"max_new_tokens": 0}, "--max-new-tokens"),
-    ({"reward_target": "nope"}, "--reward-target"),
+    ({"reward_target": "nope"}, "--reward-target"), ({"head_to_head": -1}, "--head-to-head"),
 ])
 def test_bad_options_say_which_option(change, option):
     with pytest.raises(ValueError, match=option):
@@ -314,3 +314,18 @@ def test_panel_markers_are_drawn_and_widen_the_x_axis():
     assert plain != marked
     assert pixels(Panel("p", [line], markers=[Marker(float("nan"))])) == plain  # an undefined x is skipped
     assert pixels(Panel("p", [line], markers=[Marker(3.0)])) != pixels(Panel("p", [line], markers=[Marker(1.0)]))
+
+
+def test_paired_win_rate_counts_ties_half_and_refuses_unpaired_lists():
+    assert sim.paired_win_rate([1.0, 2.0, 0.0, 5.0], [0.0, 2.0, 1.0, 4.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert sim.paired_win_rate([0.3] * 3, [0.3] * 3) == 0.5  # a version against itself with the same seeds
+    for ours, theirs in (([1.0], [1.0, 2.0]), ([], [])):
+        with pytest.raises(ValueError, match="same number"):
+            sim.paired_win_rate(ours, theirs)
+
+
+def test_head_to_head_line():
+    h = sim.HeadToHead("sft-1", "ppo-v0040", 72, 0.75, -0.25, 0.5, 2.5)
+    assert sim.format_head_to_head(h) == ("rlhf simulate: head-to-head on 72 held-out answers: ppo-v0040 wins 75.0% "
+                                          "against sft-1 by gold utility (-0.25 -> +0.50); the trainer's KL at its "
+                                          "last step 2.50")

@@ -85,3 +85,50 @@ def test_a_canary_as_good_as_stable_is_promoted_and_can_be_rolled_back_by_hand(s
         controller.rollback()
     with pytest.raises(KeyError):
         controller.promote("nope")
+
+
+def test_prune_deletes_old_inactive_version_folders_and_keeps_rollback_targets(tmp_path):
+    dataset = Dataset(str(tmp_path / "d.sqlite"))
+    root = tmp_path / "artifacts"
+    controller = CanaryController(CanarySettings(promote_after=1, keep_versions=2), dataset, lambda e: None,
+                                  lambda p, r: [1.0] * len(r))
+    dataset.put_version("sft", "policy", "stable", {"uri": str(tmp_path / "elsewhere" / "sft")})
+    (tmp_path / "elsewhere" / "sft").mkdir(parents=True)
+    controller.set_stable("sft")
+
+    def saved(version: str) -> None:
+        (root / "policy" / version).mkdir(parents=True)
+        (root / "policy" / version / "model.safetensors").write_bytes(b"x")
+        save(dataset, version)
+
+    for i in range(1, 8):  # v1..v7: each tick supersedes the older saved ones and makes the newest the canary
+        saved(f"v{i}")
+        if i in (3, 6):
+            controller.tick()
+            controller.promote(f"v{i}")  # v3 and then v6 stable; sft and v3 become earlier stables
+    saved("v8")
+    controller.tick()  # v7 superseded, v8 the canary
+    pruned = controller.prune(str(root))
+
+    statuses = {v["version"]: (v["status"], bool(v.get("pruned"))) for v in dataset.versions(kind="policy")}
+    # inactive, newest first: earlier stables v3, sft (both kept: 2); the rest v7, v5, v4, v2, v1 (v7, v5 kept)
+    assert sorted(pruned) == ["v1", "v2", "v4"], statuses
+    for version in ("v1", "v2", "v4"):
+        assert not (root / "policy" / version).exists() and statuses[version][1]
+    for version in ("v3", "v5", "v6", "v7", "v8"):
+        assert (root / "policy" / version / "model.safetensors").exists(), version
+    assert (tmp_path / "elsewhere" / "sft").exists()  # kept: one of the two newest earlier stables
+    assert statuses["v6"] == ("stable", False) and statuses["v8"] == ("canary", False)
+    assert controller.prune(str(root)) == []  # nothing more until more versions go inactive
+    # rollback goes to the newest earlier stable that was kept
+    controller.rollback()  # withdraws the canary v8
+    assert controller.rollback() == "v3"
+
+
+def test_keep_versions_zero_keeps_every_folder(setup, tmp_path):
+    dataset, _, events = setup
+    controller = CanaryController(CanarySettings(keep_versions=0), dataset, events.append, score)
+    for i in range(4):
+        save(dataset, f"v{i}")
+    controller.tick()
+    assert controller.prune(str(tmp_path)) == []

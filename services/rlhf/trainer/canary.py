@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +44,8 @@ class CanarySettings:
     sample: int = 200
     """Most served responses of each version scored for a decision."""
     model_name: str = "policy"
+    keep_versions: int = 5
+    """Folders of inactive versions kept (`CanaryController.prune`); 0 keeps every folder."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +156,32 @@ class CanaryController:
         log.info("canary %s %s: %s", version, "promoted" if promoted else "rolled back", reason)
         return decision
 
+    # ------------------------------------------------------------------------------------------ retention
+
+    def prune(self, artifact_root: str) -> list[str]:
+        """Delete the folders of inactive policy versions beyond the newest ``keep_versions`` of each kind: earlier
+        stable versions (rollback targets, newest first) and the rest (superseded before serving, rolled back).
+        Stable, the canary and saved versions are never touched; a pruned version keeps its record (``pruned``), and
+        rollback skips it. Returns the versions pruned."""
+        if self.s.keep_versions <= 0:
+            return []
+        inactive = [v for v in self.dataset.versions(kind="policy", limit=100_000)
+                    if v["status"] in (SUPERSEDED, ROLLED_BACK) and not v.get("pruned")]
+        earlier_stable = [v for v in inactive if v.get("was_stable") and v["status"] == SUPERSEDED]
+        rest = [v for v in inactive if not (v.get("was_stable") and v["status"] == SUPERSEDED)]
+        root = os.path.realpath(artifact_root)
+        pruned = []
+        for record in earlier_stable[self.s.keep_versions:] + rest[self.s.keep_versions:]:
+            uri = record.get("uri", "")
+            path = os.path.realpath(uri if os.path.isabs(uri) else os.path.join(root, uri)) if uri else ""
+            if path and path != root and os.path.commonpath([root, path]) == root:  # only what the learner wrote
+                shutil.rmtree(path, ignore_errors=True)
+            self._set_status(record, record["status"], pruned=True)
+            pruned.append(record["version"])
+        if pruned:
+            log.info("pruned %d inactive policy version folder(s), oldest %s", len(pruned), pruned[-1])
+        return pruned
+
     # ------------------------------------------------------------------------------------------ by hand
 
     def promote(self, version: str, percent: int = 100) -> dict:
@@ -188,7 +218,7 @@ class CanaryController:
             self.dataset.set_state(STATE_KEY, "")
             return stable
         stables = [v for v in self.dataset.versions(kind="policy", limit=1000)
-                   if v["status"] == SUPERSEDED and v.get("was_stable")]
+                   if v["status"] == SUPERSEDED and v.get("was_stable") and not v.get("pruned")]
         if not stable or not stables:
             raise LookupError("no policy canary and no earlier stable version to roll back to")
         target = stables[0]

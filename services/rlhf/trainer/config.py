@@ -108,6 +108,10 @@ class TrainerConfig(ServiceConfig):
     promote_tolerance: float = field(
         0.0, "A canary is promoted when its served responses' mean reward >= stable's (same period) minus this.")
     canary_sample: int = field(200, "Most served responses per version the promotion decision scores.")
+    keep_versions: int = field(
+        5, "Inactive policy versions whose folders stay on disk, of each kind: earlier stable versions (rollback "
+           "targets) and the rest (superseded before they served, rolled back); older ones are deleted, their records "
+           "stay. Stable, the canary and saved versions are always kept. 0 keeps every folder.")
     # -- continuous PPO: reward-hacking guards
     kl_budget: float = field(8.0, "KL to the parent (nats per response) the run may spend; <= 0 disables the guard.")
     kl_patience: int = field(3, "Consecutive updates over the KL budget that pause the run.")
@@ -154,6 +158,7 @@ class TrainerConfig(ServiceConfig):
         _check(self.promote_after >= 1, "promote_after", "must be >= 1")
         _check(self.promote_tolerance >= 0, "promote_tolerance", "must be >= 0")
         _check(self.canary_sample >= 1, "canary_sample", "must be >= 1")
+        _check(self.keep_versions >= 0, "keep_versions", "must be >= 0")
         _check(self.kl_patience >= 1, "kl_patience", "must be >= 1")
         _check(self.kl_slope_window == 0 or self.kl_slope_window >= 2, "kl_slope_window", "must be 0 or >= 2")
         _check(self.length_patience >= 1, "length_patience", "must be >= 1")

@@ -159,7 +159,7 @@ class TrainerComponent(ServiceComponent):
         self.canary = CanaryController(
             CanarySettings(canary_percent=config.canary_percent, promote_after=config.promote_after,
                            tolerance=config.promote_tolerance, sample=config.canary_sample,
-                           model_name=config.policy_name),
+                           model_name=config.policy_name, keep_versions=config.keep_versions),
             self.dataset, self._publish_model_event, self._score_texts)
         self.canary.on_served = self._observe_freshness
         self.run = None  # a PPORun once one was started
@@ -356,6 +356,7 @@ class TrainerComponent(ServiceComponent):
                 decision = self.canary.tick()
                 if decision is not None:
                     metrics.CANARY_DECISIONS.labels("promoted" if decision.promoted else "rolled_back").inc()
+                self.canary.prune(self.config.artifact_root)
                 canary = self.canary.canary()
                 metrics.set_role("stable", self.canary.stable())
                 metrics.set_role("canary", canary["version"] if canary else "")
