@@ -165,7 +165,7 @@ def test_simulate_plays_a_product_against_the_embedded_platform(platform, tmp_pa
 
 def test_ctrl_c_writes_what_was_collected(platform, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(simulate_command(platform.address, out, "5", "--report-every", "1"),
+    proc = subprocess.Popen(simulate_command(platform.address, out, "5", "--report-every", "1", "--head-to-head", "0"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
                             cwd=tmp_path)
     try:
