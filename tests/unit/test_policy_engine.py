@@ -199,7 +199,7 @@ def test_row_whose_deadline_passed_in_the_queue_is_not_generated(model):
             while not blocker_c.events:
                 await asyncio.sleep(0.001)
             late, late_c = make_row(loop, "the cat", SamplingParams(max_new_tokens=5, temperature=0), 4,
-                                    deadline=time.monotonic() + 0.01)
+                                    deadline=time.monotonic() + 0.001)  # < the blocker's 19 tokens left
             engine.submit([late])
             await asyncio.sleep(0.05)
             engine.cancel([blocker])
