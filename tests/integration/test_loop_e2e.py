@@ -90,6 +90,15 @@ def serving(channel: grpc.Channel) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def wait_until_joined(channels: dict[str, grpc.Channel], procs) -> trainer_pb2_grpc.TrainerServiceStub:
+    """Policy and feedback serving, and the trainer in its group (its lag covers both topics); the trainer's stub."""
+    wait_for(lambda: serving(channels["policy"]) and serving(channels["feedback"]), 120, "policy and feedback", procs)
+    trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
+    wait_for(lambda: {lag.topic for lag in trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=2).lag}
+             == {"rlhf.feedback.v1", "rlhf.responses.v1"}, 120, "the trainer joined", procs)
+    return trainer
+
+
 def test_served_responses_ranked_through_the_feedback_service_become_a_served_reward_model(
         tmp_path, sft_policy, kafka_bootstrap, redis_url):
     run = uuid.uuid4().hex[:8]
@@ -117,11 +126,7 @@ def test_served_responses_ranked_through_the_feedback_service_become_a_served_re
     channels = {name: grpc.insecure_channel(f"127.0.0.1:{port}") for name, port in ports.items()}
     with processes(commands, tmp_path) as procs:
         # 1. everyone up; the trainer has joined its group (its lag covers both topics)
-        wait_for(lambda: serving(channels["policy"]) and serving(channels["feedback"]), 120, "policy and feedback",
-                 procs)
-        trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
-        wait_for(lambda: {lag.topic for lag in trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=2).lag}
-                 == {"rlhf.feedback.v1", "rlhf.responses.v1"}, 120, "the trainer joined", procs)
+        trainer = wait_until_joined(channels, procs)
         # 2. the product: K answers per prompt from the policy service, ranked by a simulated annotator
         policy = policy_pb2_grpc.PolicyServiceStub(channels["policy"])
         prompts, _ = split_prompts(0.2, seed=0)
@@ -232,11 +237,7 @@ def test_simulated_feedback_becomes_a_reward_model_and_ppo_versions_that_are_ser
     out = tmp_path / "sim"
     with processes(commands, tmp_path) as procs:
         # (the reward service has no model until part 1 publishes one: it answers NOT_SERVING until then)
-        wait_for(lambda: serving(channels["policy"]) and serving(channels["feedback"]), 120, "policy and feedback",
-                 procs)
-        trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
-        wait_for(lambda: {lag.topic for lag in trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=2).lag}
-                 == {"rlhf.feedback.v1", "rlhf.responses.v1"}, 120, "the trainer joined", procs)
+        trainer = wait_until_joined(channels, procs)
         targets = ["--target", f"127.0.0.1:{ports['policy']}", "--feedback-target", f"127.0.0.1:{ports['feedback']}",
                    "--reward-target", f"127.0.0.1:{ports['reward']}", "--trainer-target", f"127.0.0.1:{ports['trainer']}"]
         sim = subprocess.run([sys.executable, "-m", "rlhf", "simulate", *targets, "--minutes", "4", "--window-s", "20",
