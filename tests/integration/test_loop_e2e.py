@@ -1,6 +1,8 @@
 """The loop of trainer part 1, end to end, each service in its own process on a real Kafka and Redis:
 a product (this test) asks the policy service for answers, simulated annotators rank them, the feedback service
 takes the rankings, the trainer turns them into a reward model and publishes it, and the reward service serves it.
+Then part 2 (PPO versions served, promoted, better held-out gold) and its canary test (a version with noised weights
+rolled back while stable answers every request).
 """
 from __future__ import annotations
 
@@ -264,3 +266,140 @@ def test_simulated_feedback_becomes_a_reward_model_and_ppo_versions_that_are_ser
     first, last = summary["first_window_gold_held_out"], summary["last_window_gold_held_out"]
     assert last > first, (first, last, sim.stdout)
     assert summary["head_to_head"]["win_rate"] > 0.5, (summary["head_to_head"], sim.stdout)
+
+
+def add_noise(model: torch.nn.Module, scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
+    """Every weight tensor of ``model`` plus Gaussian noise of ``scale`` times its own std, in place."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * p.float().std().clamp_min(1e-3) * scale)
+    return model
+
+
+def reward_model_of_rankings(sft: Path, out: Path, version: str, rankings: int = 120) -> None:
+    """A reward model trained (rlhf.core) on simulated annotators' rankings of K answers per prompt: K-1 samples of
+    the SFT policy and one of an earlier broken version (the SFT policy with noise of another seed than the canary's),
+    as a product that once served a broken model would have collected."""
+    from rlhf.core.models import build_reward_model, load_causal_lm
+    from rlhf.core.reward_training import RewardTrainer, RewardTrainingConfig
+    from rlhf.sim.demo import DemoConfig, sample_responses
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tokenizer = load_causal_lm(str(sft))
+        broken = add_noise(load_causal_lm(str(sft))[0], seed=99)
+        prompts, _ = split_prompts(0.2, seed=0)
+        rng, pool, config = random.Random(11), AnnotatorPool(), DemoConfig()
+        data = []
+        for i in range(rankings):
+            prompt = prompts[rng.randrange(len(prompts))]
+            texts = sample_responses(model, tokenizer, [prompt] * (K - 1), config, seed=1000 + K * i).responses
+            texts += sample_responses(broken, tokenizer, [prompt], config, seed=1000 + K * i + K - 1).responses
+            data.append(pool.annotate(prompt, texts, rng))
+        reward = build_reward_model(model, tokenizer, max_length=256, seed=0)
+        RewardTrainer(reward, RewardTrainingConfig(learning_rate=1e-3, num_epochs=3, batch_size=8, seed=0)).train(
+            data, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    save_artifact(str(out), reward, tokenizer, Manifest(kind="reward", version=version, parent="sft-e2e"))
+
+
+def test_a_canary_with_noised_weights_is_rolled_back_and_stable_serves_every_request(
+        tmp_path, sft_policy, kafka_bootstrap, redis_url):
+    """Issue #10's canary test: a version whose weights are noised arrives as the learner would save it; the trainer
+    makes it the canary (PROMOTED 50% on rlhf.models.v1), the policy service (its own process) loads it and splits
+    traffic, the served responses come back over rlhf.responses.v1, the reward service (its own process) scores both
+    versions' responses, and the canary is rolled back automatically. A product calls Generate throughout: no call
+    fails, the canary served some of them, and after the rollback only stable answers."""
+    import threading
+
+    from rlhf.trainer.config import TrainerConfig
+    from rlhf.trainer.servicer import TrainerComponent
+    from rlhf.serving.server import ServiceHost
+    from support.hosting import HostThread
+
+    run = uuid.uuid4().hex[:8]
+    root = tmp_path / "artifacts"
+    policy_name, reward_name = f"policy-canary-{run}", f"reward-canary-{run}"
+    reward_model_of_rankings(sft_policy, root / "reward" / "rm-canary", f"{reward_name}-1")
+    ports = {name: free_port() for name in ("policy", "reward")}
+    bus = f"kafka://{kafka_bootstrap}"
+    common = ["--metrics-port", "-1", "--health-interval-s", "0.5", "--cache-url", redis_url, "--bus-url", bus,
+              "--artifact-root", str(root), "--torch-num-threads", "1"]
+    commands = {
+        "policy": ["policy", "--port", str(ports["policy"]), *common, "--model-path", str(sft_policy),
+                   "--model-name", policy_name, "--default-max-new-tokens", "48"],
+        "reward": ["reward", "--port", str(ports["reward"]), *common, "--model-path", str(root / "reward" / "rm-canary"),
+                   "--model-name", reward_name],
+    }
+    config = TrainerConfig(
+        host="127.0.0.1", port=0, metrics_port=-1, health_interval_s=0.5, cache_url="memory://",
+        bus_url=f"{bus}?auto_offset_reset=latest", group_id=f"trainer-canary-{run}",
+        dataset_path=str(tmp_path / "trainer" / "dataset.sqlite"), artifact_root=str(root),
+        policy_name=policy_name, reward_model_name=reward_name, reward_url=f"127.0.0.1:{ports['reward']}",
+        min_new_comparisons=1_000_000, canary_percent=50, promote_after=50, housekeeping_s=0.5,
+        torch_num_threads=1, local_workers=0)
+    channels = {name: grpc.insecure_channel(f"127.0.0.1:{port}") for name, port in ports.items()}
+    policy = policy_pb2_grpc.PolicyServiceStub(channels["policy"])
+    component = TrainerComponent(config)
+    with processes(commands, tmp_path) as procs, HostThread(lambda: ServiceHost(config, [component])):
+        # 1. both services serving, the trainer in its group; stable is the SFT policy the policy service serves
+        wait_for(lambda: serving(channels["policy"]) and serving(channels["reward"]), 120, "policy and reward", procs)
+        wait_for(lambda: {t for t, _ in component.consumer.lag} == {"rlhf.feedback.v1", "rlhf.responses.v1"}, 120,
+                 "the trainer joined", procs)
+        stable = policy.GetPolicy(policy_pb2.GetPolicyRequest(), timeout=5).policies[0].version.version
+        component.dataset.put_version(stable, "policy", "stable", {"name": policy_name, "uri": str(sft_policy)})
+        component.canary.set_stable(stable)
+        # 2. a product calls Generate throughout, each call with its own routing key
+        stop, failures, served = threading.Event(), [], []
+        prompts, _ = split_prompts(0.2, seed=0)
+
+        def product() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    reply = policy.Generate(policy_pb2.GenerateRequest(
+                        prompt=prompts[n % len(prompts)].text, routing_key=f"user-{run}-{n}", product="canary-test",
+                        sampling=common_pb2.SamplingParams(seed=n)), timeout=60)
+                    served.append(reply.policy_version)
+                except grpc.RpcError as e:
+                    failures.append(e)
+
+        thread = threading.Thread(target=product, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: len(served) >= 5, 120, "stable serving the product", procs)
+            # 3. the noised version arrives as the learner saves one: a folder under the artifact root, a saved record
+            noised = f"{policy_name}-noised"
+            from rlhf.core.models import load_causal_lm
+
+            model, tokenizer = load_causal_lm(str(sft_policy))
+            save_artifact(str(root / "policy" / noised), add_noise(model, seed=0), tokenizer,
+                          Manifest(kind="policy", version=noised, parent=stable))
+            component.dataset.put_version(noised, "policy", "saved", {
+                "name": policy_name, "uri": f"policy/{noised}", "parent": stable,
+                "reward_model_version": f"{reward_name}-1", "run_id": f"canary-{run}"})
+            wait_for(lambda: noised in served, 180, "the canary serving part of the traffic", procs)
+            # 4. after promote_after of its responses: scored through the reward service, rolled back
+            wait_for(lambda: component.canary.decisions, 300, "a canary decision", procs)
+            decision = component.canary.decisions[-1]
+            assert decision.version == noised and not decision.promoted, decision
+            assert decision.canary_mean < decision.stable_mean and decision.canary_responses >= 50, decision
+            status = {v["version"]: v["status"] for v in component.dataset.versions(kind="policy")}
+            assert status[noised] == "rolled_back" and status[stable] == "stable", status
+            # 5. the policy service drops it; from then on only stable answers
+            wait_for(lambda: [p.version.version for p in policy.GetPolicy(policy_pb2.GetPolicyRequest(), timeout=5)
+                              .policies] == [stable], 120, "the policy service serving only stable", procs)
+            after = len(served) + 1  # (the call in flight may have been routed before the rollback)
+            wait_for(lambda: len(served) >= after + 10, 120, "ten more answers", procs)
+            assert set(served[after:]) == {stable}, served[after:]
+        finally:
+            stop.set()
+            thread.join(90)
+        for channel in channels.values():
+            channel.close()
+    assert not failures, f"{len(failures)} of {len(failures) + len(served)} Generate calls failed: {failures[0]}"
+    assert served.count(noised) >= 50 and served.count(stable) >= 50, (served.count(noised), served.count(stable))
