@@ -91,6 +91,10 @@ def test_the_embedded_loop_trains_publishes_a_canary_and_decides(platform):
             assert version.version not in stable
         outcome = "promoted" if version.labels["status"] == "stable" else "rolled_back"
         assert sample("rlhf_trainer_canary_decisions_total", outcome=outcome) >= 1
+        # weight sync: each saved version's first batch, measured by the learner (GetStatus and the histogram)
+        sync = trainer.GetStatus(trainer_pb2.GetStatusRequest()).weight_sync
+        assert sync.count >= 1 and 0 <= sync.p50_seconds <= sync.p95_seconds <= sync.max_seconds < 120, sync
+        assert sample("rlhf_trainer_weight_sync_seconds_count") >= sync.count
     finally:
         stop.set()
         thread.join(60)

@@ -251,6 +251,17 @@ def test_run_summary_and_final_line():
         sim.format_summary(nothing, 0, "out")
 
 
+def test_the_trainers_freshness_and_weight_sync_go_into_the_summary():
+    assert sim.trainer_latency(None) is None
+    status = trainer_pb2.TrainerStatus(
+        freshness=trainer_pb2.LatencySummary(count=40, p50_seconds=61.25, p95_seconds=170.0, max_seconds=201.0))
+    latency = sim.trainer_latency(status)
+    assert latency == {"freshness": {"count": 40, "p50_s": 61.25, "p95_s": 170.0, "max_s": 201.0},
+                       "weight_sync": {"count": 0, "p50_s": 0.0, "p95_s": 0.0, "max_s": 0.0}}
+    line = sim.format_latency(latency)
+    assert "freshness p50 61.2s p95 170.0s (40 observed)" in line and "weight sync: none observed" in line
+
+
 def test_trainer_and_policy_state_from_their_replies():
     without_ppo = trainer_pb2.TrainerStatus(feedback_events_consumed=7, metrics={"rm_accuracy": 0.7})
     assert sim.trainer_view(without_ppo) == {"ppo_step": None, "kl": None, "trainer_policy_version": "",

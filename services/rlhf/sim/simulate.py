@@ -937,15 +937,18 @@ class Simulation:
         with ThreadPoolExecutor(self.config.concurrency) as pool:
             return [g for golds in pool.map(one, range(len(self.held_out_prompts))) for g in golds]
 
-    def trainer_kl(self) -> float | None:
+    def trainer_status(self):  # a TrainerStatus, or None
         if not self.trainer:
             return None
         try:
-            status = trainer_pb2_grpc.TrainerServiceStub(self.channel("trainer")).GetStatus(
+            return trainer_pb2_grpc.TrainerServiceStub(self.channel("trainer")).GetStatus(
                 trainer_pb2.GetStatusRequest(), timeout=self.config.probe_timeout_s, metadata=self.metadata)
         except grpc.RpcError:
             return None
-        return trainer_view(status)["kl"]  # type: ignore[return-value]
+
+    def trainer_kl(self) -> float | None:
+        status = self.trainer_status()
+        return trainer_view(status)["kl"] if status is not None else None  # type: ignore[return-value]
 
     # -- 3. the platform's state at a report tick
     def snapshot(self) -> Snapshot:
@@ -1009,6 +1012,22 @@ def trainer_view(status) -> dict[str, object]:  # a TrainerStatus
     }
 
 
+def trainer_latency(status) -> dict[str, dict[str, float]] | None:  # a TrainerStatus, or None
+    """Freshness and weight sync as the trainer reports them (count, p50, p95, max seconds over its recent
+    observations); None when no trainer answered."""
+    if status is None:
+        return None
+    return {name: {"count": int(s.count), "p50_s": round(s.p50_seconds, 3), "p95_s": round(s.p95_seconds, 3),
+                   "max_s": round(s.max_seconds, 3)}
+            for name, s in (("freshness", status.freshness), ("weight_sync", status.weight_sync))}
+
+
+def format_latency(latency: dict[str, dict[str, float]]) -> str:
+    parts = [f"{name.replace('_', ' ')} p50 {v['p50_s']:.1f}s p95 {v['p95_s']:.1f}s ({v['count']} observed)"
+             if v["count"] else f"{name.replace('_', ' ')}: none observed" for name, v in latency.items()]
+    return "rlhf simulate: the trainer's " + "; ".join(parts)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the command
 
@@ -1021,6 +1040,7 @@ def write_outputs(sim: Simulation, interrupted: bool,
     windows = [summarize(timeline, a, b) for a, b in window_bounds(elapsed, sim.config.window_s)]
     summary = summarize_run(timeline, windows, elapsed, interrupted)
     summary["head_to_head"] = dataclasses.asdict(head_to_head) if head_to_head is not None else None
+    summary["trainer_latency"] = trainer_latency(sim.trainer_status())
     os.makedirs(sim.config.out, exist_ok=True)
     config = {k: v for k, v in dataclasses.asdict(sim.config).items() if k != "token"}
     with open(os.path.join(sim.config.out, "simulate.json"), "w") as f:
@@ -1126,6 +1146,8 @@ def simulate(config: SimulateConfig) -> int:
         summary, windows = write_outputs(sim, interrupted, result)
         if result is not None:
             print(format_head_to_head(result), flush=True)
+        if summary["trainer_latency"] is not None:
+            print(format_latency(summary["trainer_latency"]), flush=True)  # type: ignore[arg-type]
         print(format_summary(summary, windows, config.out), flush=True)
         return 130 if interrupted else 0
     finally:

@@ -72,6 +72,8 @@ class PPORun:
         self.scorer_factory = scorer_factory
         self.on_saved = on_saved
         self.on_state = on_state
+        self.on_result: Callable[[StepResult], None] | None = None
+        """Called with each learner step's result on the learner thread (the trainer's weight-sync measurement)."""
         self.lineage = lineage
         self.state = PAUSED
         self.message = ""
@@ -175,11 +177,7 @@ class PPORun:
     # ------------------------------------------------------------------------------------------ loops
 
     def _on_batch(self, batch: Any, timings: dict[str, float]) -> None:
-        metrics.ROLLOUT_BATCHES.inc()
-        for worker in self.workers:
-            if worker.first_rollout_delay_s is not None:
-                metrics.WEIGHT_SYNC_SECONDS.observe(max(0.0, worker.first_rollout_delay_s))
-                worker.first_rollout_delay_s = None
+        metrics.ROLLOUT_BATCHES.inc()  # (weight sync: the trainer measures it from the learner's side, on_result)
 
     def _learn(self) -> None:
         assert self.learner is not None
@@ -206,6 +204,8 @@ class PPORun:
             if result is None:
                 continue
             self.last_result = result
+            if self.on_result is not None:
+                self.on_result(result)
             # 2. metrics
             self._record(result)
             # 3. a saved version

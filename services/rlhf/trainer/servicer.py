@@ -34,6 +34,7 @@ from rlhf.trainer.canary import CanaryController, CanarySettings
 from rlhf.trainer.config import TrainerConfig
 from rlhf.trainer.consume import FeedbackConsumer
 from rlhf.trainer.dataset import Dataset, StoreOutcome
+from rlhf.trainer.latency import LatencyWindow, WeightSync
 from rlhf.trainer.reward import (
     NoBaseModel,
     RewardVersionTrainer,
@@ -162,6 +163,10 @@ class TrainerComponent(ServiceComponent):
                            model_name=config.policy_name, keep_versions=config.keep_versions),
             self.dataset, self._publish_model_event, self._score_texts)
         self.canary.on_served = self._observe_freshness
+        self.freshness = LatencyWindow()
+        """Feedback stored -> first served policy version whose reward model was trained on it (GetStatus)."""
+        self.weight_sync = WeightSync(LatencyWindow(), observe=metrics.WEIGHT_SYNC_SECONDS.observe)
+        """A version saved -> the learner's first rollout batch generated with it (GetStatus, the histogram)."""
         self.run = None  # a PPORun once one was started
         self._feed = None
         self._own_address = ""
@@ -317,6 +322,7 @@ class TrainerComponent(ServiceComponent):
             run = PPORun(self.config, spec, self.buffer, pool=pool, scorer_factory=self._rollout_scorer,
                          on_saved=self._on_saved, on_state=lambda st, msg: self._save_run(spec, st),
                          lineage=self._lineage)
+            run.on_result = self._on_result
             run.start(state)
             self.run = run
             self._save_run(spec, run.state)
@@ -348,6 +354,12 @@ class TrainerComponent(ServiceComponent):
             "labels": {k: f"{v:.6g}" for k, v in saved.metrics.items()},
         }
         self.dataset.put_version(saved.version, "policy", canary_mod.SAVED, record)
+        self.weight_sync.saved(saved.version, saved.saved_at)
+
+    def _on_result(self, result) -> None:
+        """Each learner step (learner thread): weight sync, when its batch is the first of a newly saved version."""
+        if result.batch is not None:
+            self.weight_sync.batch(result.batch.policy_version, result.batch.created_at)
 
     def _serving_loop(self) -> None:
         """The canary controller's ticks (thread): promotion and rollback decisions, version gauges."""
@@ -375,6 +387,7 @@ class TrainerComponent(ServiceComponent):
             after = previous["created_at"] if previous is not None else 0.0
             for stored_at in self.dataset.feedback_stored_between(after, current["created_at"]):
                 metrics.FRESHNESS_SECONDS.observe(max(0.0, served_at - stored_at))
+                self.freshness.observe(served_at - stored_at)
         self.dataset.set_state("policy.served_reward_model", rm)
 
     # ------------------------------------------------------------------------------------------ reward models
@@ -459,6 +472,10 @@ class TrainerComponent(ServiceComponent):
                                                     end_offset=offset + lag, lag=lag))
         for kind, n in self.dataset.sizes().items():
             out.dataset[kind] = n
+        for field, window in (("freshness", self.freshness), ("weight_sync", self.weight_sync.window)):
+            summary = window.summary()
+            getattr(out, field).CopyFrom(trainer_pb2.LatencySummary(
+                count=summary.count, p50_seconds=summary.p50_s, p95_seconds=summary.p95_s, max_seconds=summary.max_s))
         out.updated_at.GetCurrentTime()
         return out
 

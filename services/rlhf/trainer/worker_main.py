@@ -120,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
         metrics.ROLLOUT_BATCHES.inc()
         for phase in ("generation", "scoring"):
             metrics.PPO_PHASE_SECONDS.labels(phase).observe(timings[f"{phase}_s"])
-        if worker.first_rollout_delay_s is not None:
-            metrics.WEIGHT_SYNC_SECONDS.observe(max(0.0, worker.first_rollout_delay_s))
-            worker.first_rollout_delay_s = None
+        # (weight sync is measured by the learner, from the batch's creation time: one series for every worker)
 
     worker = RolloutWorker(worker_settings(config, config.index, config.name), buffer, pool, score,
                            holder=PolicyHolder(device=config.torch_device), on_batch=on_batch)

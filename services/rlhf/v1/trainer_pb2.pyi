@@ -38,7 +38,7 @@ STAGE_REWARD_MODEL: Stage
 STAGE_PPO: Stage
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("run_id", "state", "stage", "step", "total_steps", "metrics", "policy_version", "reward_model_version", "feedback_events_consumed", "updated_at", "message", "responses_consumed", "lag", "dataset", "new_comparisons", "consuming")
+    __slots__ = ("run_id", "state", "stage", "step", "total_steps", "metrics", "policy_version", "reward_model_version", "feedback_events_consumed", "updated_at", "message", "responses_consumed", "lag", "dataset", "new_comparisons", "consuming", "freshness", "weight_sync")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,8 @@ class TrainerStatus(_message.Message):
     DATASET_FIELD_NUMBER: _ClassVar[int]
     NEW_COMPARISONS_FIELD_NUMBER: _ClassVar[int]
     CONSUMING_FIELD_NUMBER: _ClassVar[int]
+    FRESHNESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SYNC_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: RunState
     stage: Stage
@@ -85,7 +87,21 @@ class TrainerStatus(_message.Message):
     dataset: _containers.ScalarMap[str, int]
     new_comparisons: int
     consuming: bool
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., policy_version: _Optional[str] = ..., reward_model_version: _Optional[str] = ..., feedback_events_consumed: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., responses_consumed: _Optional[int] = ..., lag: _Optional[_Iterable[_Union[PartitionLag, _Mapping]]] = ..., dataset: _Optional[_Mapping[str, int]] = ..., new_comparisons: _Optional[int] = ..., consuming: bool = ...) -> None: ...
+    freshness: LatencySummary
+    weight_sync: LatencySummary
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., policy_version: _Optional[str] = ..., reward_model_version: _Optional[str] = ..., feedback_events_consumed: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., responses_consumed: _Optional[int] = ..., lag: _Optional[_Iterable[_Union[PartitionLag, _Mapping]]] = ..., dataset: _Optional[_Mapping[str, int]] = ..., new_comparisons: _Optional[int] = ..., consuming: bool = ..., freshness: _Optional[_Union[LatencySummary, _Mapping]] = ..., weight_sync: _Optional[_Union[LatencySummary, _Mapping]] = ...) -> None: ...
+
+class LatencySummary(_message.Message):
+    __slots__ = ("count", "p50_seconds", "p95_seconds", "max_seconds")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P95_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    p50_seconds: float
+    p95_seconds: float
+    max_seconds: float
+    def __init__(self, count: _Optional[int] = ..., p50_seconds: _Optional[float] = ..., p95_seconds: _Optional[float] = ..., max_seconds: _Optional[float] = ...) -> None: ...
 
 class PartitionLag(_message.Message):
     __slots__ = ("topic", "partition", "stored_offset", "end_offset", "lag")
