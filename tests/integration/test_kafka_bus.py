@@ -208,6 +208,19 @@ def test_first_send_to_an_unknown_topic_creates_it_without_blocking(bus: KafkaBu
     assert fut.result(30).topic == topic_name
 
 
+def test_a_reader_joins_no_group_and_says_when_its_topic_is_missing(bus: KafkaBus, topic_name: str) -> None:
+    bus.ensure_topics([TopicSpec(topic_name, partitions=2)])
+    admin = bus._get_admin()
+    before = {g["group_id"] for g in admin.list_groups()}
+    with bus.reader([topic_name], client_id="rlhf-test-reader") as reader:
+        bus.send(topic_name, b"x", key=b"k").result(30)
+        assert [m.value for m in poll_until(reader, 1)] == [b"x"]
+        reader.commit()  # a no-op: there is no group to commit to
+    assert {g["group_id"] for g in admin.list_groups()} - before == set()  # no group made (or left behind)
+    with pytest.raises(BusError, match="does not exist"):
+        bus.reader([f"{topic_name}-missing"])
+
+
 def test_bus_from_url_carries_config(kafka_bootstrap: str) -> None:
     bus = bus_from_url(f"kafka://{kafka_bootstrap}?client_id=from-url&linger_s=0.002")
     try:

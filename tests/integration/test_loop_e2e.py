@@ -195,6 +195,7 @@ def direct_accuracy(dataset_path: Path, base: Path, comparisons: int) -> float:
         torch.set_num_threads(before)
 
 
+@pytest.mark.timeout(900)  # a 4-minute simulation (plus the SFT fixture when run alone)
 def test_simulated_feedback_becomes_a_reward_model_and_ppo_versions_that_are_served_and_promoted(
         tmp_path, sft_policy, kafka_bootstrap, redis_url):
     """Trainer part 2 end to end, each service its own process (policy, feedback, reward, trainer, a rollout worker)
@@ -266,6 +267,11 @@ def test_simulated_feedback_becomes_a_reward_model_and_ppo_versions_that_are_ser
     first, last = summary["first_window_gold_held_out"], summary["last_window_gold_held_out"]
     assert last > first, (first, last, sim.stdout)
     assert summary["head_to_head"]["win_rate"] > 0.5, (summary["head_to_head"], sim.stdout)
+    # 4. freshness (feedback -> the first served version whose reward model it trained) and weight sync, reported
+    latency = summary["trainer_latency"]
+    for name in ("freshness", "weight_sync"):
+        assert latency[name]["count"] >= 1 and 0 <= latency[name]["p50_s"] <= latency[name]["p95_s"], latency
+    assert latency["freshness"]["p95_s"] < 240 + 60, latency  # within the run (4 minutes)
 
 
 def add_noise(model: torch.nn.Module, scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
@@ -306,6 +312,7 @@ def reward_model_of_rankings(sft: Path, out: Path, version: str, rankings: int =
     save_artifact(str(out), reward, tokenizer, Manifest(kind="reward", version=version, parent="sft-e2e"))
 
 
+@pytest.mark.timeout(600)
 def test_a_canary_with_noised_weights_is_rolled_back_and_stable_serves_every_request(
         tmp_path, sft_policy, kafka_bootstrap, redis_url):
     """Issue #10's canary test: a version whose weights are noised arrives as the learner would save it; the trainer

@@ -268,6 +268,35 @@ class BusContract:
         with bus.consumer([topic], group_id + "-other") as b:
             assert [m.value for m in poll_until(b, 1)] == [b"x"]
 
+    def test_readers_each_read_every_partition_from_the_beginning(self, bus: Bus, topic: str) -> None:
+        """A broadcast reader (rlhf.models.v1's followers): two of them both get every record written before and
+        after they were made; commit is accepted and changes nothing for the next reader."""
+        for i in range(6):
+            bus.send(topic, f"before-{i}".encode(), key=f"k{i}".encode()).result(30)
+        with bus.reader([topic], client_id="replica-a") as a, bus.reader([topic], client_id="replica-b") as b:
+            assert sorted(a.assignment()) == [(topic, p) for p in range(self.PARTITIONS)]
+            got_a = poll_until(a, 6)
+            a.commit(got_a)
+            for i in range(3):
+                bus.send(topic, f"after-{i}".encode(), key=f"k{i}".encode()).result(30)
+            got_a += poll_until(a, 3)
+            got_b = poll_until(b, 9)
+        values = sorted([f"before-{i}".encode() for i in range(6)] + [f"after-{i}".encode() for i in range(3)])
+        assert sorted(m.value for m in got_a) == values and sorted(m.value for m in got_b) == values
+        with bus.reader([topic]) as again:  # a reader keeps no position: the next one starts at the beginning
+            assert len(poll_until(again, 9)) == 9
+
+    def test_a_reader_starts_where_it_is_told_and_elsewhere_at_the_beginning(self, bus: Bus, topic: str) -> None:
+        other_key = next(k for k in (f"key-{i}".encode() for i in range(100))
+                         if partition_for_key(k, self.PARTITIONS) != partition_for_key(b"one-key", self.PARTITIONS))
+        mds = [bus.send(topic, f"r-{i}".encode(), key=b"one-key").result(30) for i in range(5)]
+        bus.send(topic, b"elsewhere", key=other_key).result(30)
+        partition = mds[0].partition
+        with bus.reader([topic], start_at={(topic, partition): mds[3].offset}) as reader:
+            got = poll_until(reader, 3)
+            assert poll_quiet(reader, self.SETTLE_S) == []
+        assert sorted(m.value for m in got) == [b"elsewhere", b"r-3", b"r-4"]
+
     def test_ensure_topics_is_idempotent_and_creates_the_partitions(self, bus: Bus, topic_name: str) -> None:
         spec = TopicSpec(topic_name, partitions=5, config=(("retention.ms", "3600000"),))
         bus.ensure_topics([spec])

@@ -175,6 +175,16 @@ class RebalanceListener:
         their records that is not durable yet should be dropped; another member reads them again."""
 
 
+class _SeekTo(RebalanceListener):
+    """Positions given up front, for the partitions assigned (Bus.reader's default ``start_at``)."""
+
+    def __init__(self, offsets: dict[TopicPartition, int]) -> None:
+        self.offsets = dict(offsets)
+
+    def on_assigned(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.offsets[tp] for tp in partitions if tp in self.offsets}
+
+
 class Consumer(abc.ABC):
     """A member of a consumer group. Not thread-safe: use it from one thread."""
 
@@ -266,6 +276,21 @@ class Bus(abc.ABC):
                  listener: RebalanceListener | None = None) -> Consumer:
         """A consumer in ``group_id`` subscribed to ``topics``, with manual commits (and ``listener`` told of
         rebalances)."""
+
+    def reader(self, topics: Sequence[str], *, client_id: str | None = None,
+               start_at: dict[TopicPartition, int] | None = None) -> Consumer:
+        """Every partition of ``topics`` from the beginning, outside any consumer group: a broadcast reader, for
+        topics each replica must read whole (rlhf.models.v1). No group means no join, rebalance or session timeout,
+        and no group left behind per start; ``commit`` is a no-op (a reader starts at the beginning every time).
+        Partitions added later are read from its next start. ``start_at``: offsets to begin at instead, for some
+        partitions (a reader made again after an error goes on where the last one stopped). This default is the
+        only member of a new group (for buses without assignment); Kafka's assigns the partitions itself."""
+        import uuid
+
+        if start_at:
+            listener = _SeekTo(start_at)
+            return self.consumer(topics, f"reader-{uuid.uuid4().hex}", client_id=client_id, listener=listener)
+        return self.consumer(topics, f"reader-{uuid.uuid4().hex}", client_id=client_id)
 
     @abc.abstractmethod
     def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:

@@ -219,6 +219,16 @@ class KafkaConfig:
             "heartbeat_interval_ms": int(self.heartbeat_interval_s * 1000),
         }
 
+    def reader_kwargs(self, client_id: str | None) -> dict[str, Any]:
+        """Keyword arguments of ``kafka.KafkaConsumer`` for a reader outside any group (assigned partitions)."""
+        return {
+            **self._client_kwargs(),
+            "client_id": client_id or f"{self.client_id}-reader",
+            "group_id": None,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+        }
+
     def admin_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``kafka.KafkaAdminClient``."""
         return {**self._client_kwargs(), "client_id": f"{self.client_id}-admin"}
@@ -538,6 +548,18 @@ class KafkaGroupConsumer(Consumer):
             log.warning("closing a Kafka consumer failed", exc_info=True)
 
 
+class KafkaReader(KafkaGroupConsumer):
+    """Assigned partitions outside any group (``KafkaBus.reader``): commits are no-ops."""
+
+    def commit(self, messages: Sequence[Message] | None = None) -> None:
+        if self._closed:
+            raise BusError("commit on a closed reader")
+
+    def commit_offsets(self, offsets: dict[TopicPartition_, int]) -> None:
+        if self._closed:
+            raise BusError("commit on a closed reader")
+
+
 class KafkaBus(Bus):
     """:class:`Bus` on Kafka. Thread-safe; create one per process and share it."""
 
@@ -730,6 +752,37 @@ class KafkaBus(Bus):
         except Exception as e:
             raise _bus_error(e, f"cannot join group {group_id!r} at {self.config.bootstrap_servers}") from e
         return KafkaGroupConsumer(c, self.config.request_timeout_s)
+
+    def reader(self, topics: Sequence[str], *, client_id: str | None = None,
+               start_at: dict[TopicPartition_, int] | None = None) -> KafkaReader:
+        """Every partition of ``topics``, assigned, from the beginning (see Bus.reader). BusUnavailable when the
+        cluster is unreachable; BusError when a topic does not exist (yet)."""
+        if isinstance(topics, str) or not topics or not all(isinstance(t, str) and t for t in topics):
+            raise TypeError(f"topics must be a non-empty sequence of topic names, got {topics!r}")
+        if self._closed:
+            raise BusError("reader() on a closed bus")
+        try:
+            c = _construct(kafka.KafkaConsumer, **self.config.reader_kwargs(client_id))
+        except Exception as e:
+            raise _bus_error(e, f"cannot connect to {self.config.bootstrap_servers}") from e
+        try:
+            assigned = []
+            for topic in dict.fromkeys(topics):
+                partitions = self._bounded(lambda t=topic: c.partitions_for_topic(t), self.config.request_timeout_s,
+                                           f"partitions of {topic}")
+                if not partitions:
+                    raise BusError(f"topic {topic!r} does not exist (yet) at {self.config.bootstrap_servers}")
+                assigned += [TopicPartition(topic, p) for p in sorted(partitions)]
+            c.assign(assigned)
+            c.seek_to_beginning(*assigned)
+            for tp in assigned:
+                if (tp.topic, tp.partition) in (start_at or {}):
+                    c.seek(tp, start_at[(tp.topic, tp.partition)])  # type: ignore[index]
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                c.close(autocommit=False)
+            raise _bus_error(e, "reader") if isinstance(e, Exception) else e
+        return KafkaReader(c, self.config.request_timeout_s)
 
     def _get_admin(self) -> kafka.KafkaAdminClient:
         with self._admin_lock:

@@ -100,10 +100,11 @@ class PolicyConfig(ServiceConfig):
     follow_model_events: bool = field(
         True,
         "Follow rlhf.models.v1: load PUBLISHED versions, apply PROMOTED traffic splits and ROLLED_BACK. Each replica "
-        "reads the whole topic at start with a consumer group of its own, so it reaches the fleet's current state.",
+        "reads the whole topic at start (a reader outside any consumer group), so it reaches the fleet's current state.",
     )
     models_group_prefix: str = field(
-        "rlhf-policy", "Prefix of this replica's consumer group on rlhf.models.v1 (<prefix>.<replica>.<boot id>)."
+        "rlhf-policy", "Prefix of this replica's reader name on rlhf.models.v1 (its Kafka client id "
+        "<prefix>.<replica>.<boot id>; the reader joins no consumer group)."
     )
     max_standby_versions: int = field(
         1, "Versions kept loaded without traffic (pinned requests only) beyond the stable and the candidate."

@@ -36,10 +36,11 @@ class RewardConfig(ServiceConfig):
     follow_model_events: bool = field(
         True,
         "Follow rlhf.models.v1: a PUBLISHED, PROMOTED or ROLLED_BACK reward version of model_name becomes current. "
-        "Each replica reads the topic from the start (a consumer group of its own), so it reaches the fleet's state.",
+        "Each replica reads the topic from the start (a reader outside any consumer group), so it reaches the fleet's state.",
     )
     models_group_prefix: str = field(
-        "rlhf-reward", "Prefix of this replica's consumer group on rlhf.models.v1 (<prefix>.<replica>.<boot id>)."
+        "rlhf-reward", "Prefix of this replica's reader name on rlhf.models.v1 (its Kafka client id "
+        "<prefix>.<replica>.<boot id>; the reader joins no consumer group)."
     )
     drain_timeout_s: float = field(
         60.0, "How long a replaced version may finish its queued and running batches before it is unloaded anyway."

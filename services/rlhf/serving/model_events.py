@@ -1,11 +1,12 @@
 """Follows ``rlhf.models.v1`` on a background thread and applies its events to this replica's versions (the policy
 and reward services both do).
 
-Every replica must see every event, so each has a consumer group of its own. What a replica loads lives in its memory
-only, so a replica reads the topic from the start each time it starts (a new group per start:
-``<prefix>.<replica>.<boot id>``) and applies the history folded into one change (see PolicyManager.apply_events):
-it reaches the fleet's current split without loading every version ever published. Offsets are committed after each
-batch is applied, which shows the replica's progress (consumer lag) to the usual Kafka tools.
+Every replica must see every event, and what a replica loads lives in its memory only, so each replica reads the
+whole topic from the start each time it starts, with a reader outside any consumer group (``Bus.reader``: every
+partition assigned, no join, rebalance or session timeout, no group left behind per start), and applies the history
+folded into one change (see PolicyManager.apply_events): it reaches the fleet's current split without loading every
+version ever published. Its name (``<prefix>.<replica>.<boot id>``) is the Kafka client id the broker's logs and
+quotas see.
 """
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ class ModelEventFollower:
         self.apply = apply
         self.on_unreadable = on_unreadable
         self.group = group
+        """This replica's reader name (its Kafka client id); no consumer group is joined."""
+        self._next: dict[tuple[str, int], int] = {}
+        """Per partition, the offset after the last applied event: a reader made again after an error goes on there."""
         self.poll_timeout_s = poll_timeout_s
         self.retry_s = retry_s
         self._stop = threading.Event()
@@ -90,7 +94,7 @@ class ModelEventFollower:
         while not self._stop.is_set():
             try:
                 if consumer is None:
-                    consumer = self.bus.consumer([topics.MODELS], self.group, client_id=self.group)
+                    consumer = self.bus.reader([topics.MODELS], client_id=self.group, start_at=self._next)
                 messages = consumer.poll(self.poll_timeout_s, max_records=1000)
                 if not messages:
                     self.caught_up.set()
@@ -107,7 +111,8 @@ class ModelEventFollower:
                     else:
                         future.cancel()
                         break
-                consumer.commit(messages)
+                for m in messages:
+                    self._next[(m.topic, m.partition)] = max(self._next.get((m.topic, m.partition), 0), m.offset + 1)
             except Exception as e:  # noqa: BLE001 - the bus may be down: retry, serving goes on meanwhile
                 log.warning("following %s: %s; retrying in %.0fs", topics.MODELS, e, self.retry_s)
                 if consumer is not None:

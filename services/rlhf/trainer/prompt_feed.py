@@ -1,9 +1,9 @@
 """Feeds a worker's prompt pool from the bus: ``rlhf.prompts.v1`` (prompts for RL) and ``rlhf.responses.v1``
 (the prompts of served traffic, but not of the products in ``exclude_products``: evaluation traffic, opt-outs).
 
-The topics are the durable store of prompts: a worker reads them from the start each time it starts (a consumer
-group of its own per start, like the model-event followers), so a worker that crashed loses no prompt, and workers
-need not share a position. Only plain prompts are taken from served traffic (``input_prompt``: what the product sent,
+The topics are the durable store of prompts: a worker reads them from the start each time it starts (a reader outside
+any consumer group, ``Bus.reader``, like the model-event followers), so a worker that crashed loses no prompt, and
+workers need not share a position. Only plain prompts are taken from served traffic (``input_prompt``: what the product sent,
 before the serving policy's template); conversations are skipped.
 """
 from __future__ import annotations
@@ -49,6 +49,9 @@ class PromptFeed:
         self.pool = pool
         self.exclude = frozenset(p for p in exclude_products if p)
         self.group = f"{group_prefix}.{uuid.uuid4().hex[:8]}"
+        """The reader's name (its Kafka client id); no consumer group is joined."""
+        self._next: dict[tuple[str, int], int] = {}
+        """Per partition, the offset after the last record taken: a reader made again after an error goes on there."""
         self.topics = [topics.PROMPTS, topics.RESPONSES] if served else [topics.PROMPTS]
         self.retry_s = retry_s
         self.records = 0
@@ -70,12 +73,14 @@ class PromptFeed:
         while not self._stop.is_set():
             try:
                 if consumer is None:
-                    consumer = self.bus.consumer(self.topics, self.group, client_id=self.group)
+                    consumer = self.bus.reader(self.topics, client_id=self.group, start_at=self._next)
                 messages = consumer.poll(0.5, max_records=2000)
                 if messages:
                     self.records += len(messages)
                     self.pool.add(prompts_of(messages, self.exclude))
-                    consumer.commit(messages)  # only shows progress: a restarted worker reads from the start
+                    for m in messages:
+                        key = (m.topic, m.partition)
+                        self._next[key] = max(self._next.get(key, 0), m.offset + 1)
                 self.last_error = ""
             except Exception as e:  # noqa: BLE001 - the bus may be down: retry
                 self.last_error = f"{type(e).__name__}: {e}"
