@@ -113,6 +113,7 @@ def main() -> int:
     model = load_reward_model(str(path), max_length=512)
     model.eval()
     result: dict = {"machine": machine(), "size": args.size, "items": args.items, "in_flight": args.in_flight,
+                    "max_wait_s": args.max_wait_s,
                     "throughput": [], "cache": None}
     common = ["--max-batch-size", str(max(int(b) for b in args.batches.split(","))), "--max-wait-s", str(args.max_wait_s)]
     with service_process("reward", path, threads=1, extra=[*common, "--score-cache-ttl-s", "0"]) as address:

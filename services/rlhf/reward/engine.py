@@ -9,6 +9,10 @@ the engine thread runs one forward pass at a time:
    deadline passed while queued, or whose call was cancelled, leave without being scored;
 3. one forward pass over them (right-padded, exactly ``RewardModel.collate``: an item's score does not depend on its
    neighbours), and the scores go back to the event loop with one ``call_soon_threadsafe`` per pass.
+
+A call's items are queued either with one future each (:meth:`ScoringEngine.submit`) or with one future for the whole
+call (:meth:`ScoringEngine.submit_call`: the reward service's path, no per-item futures, callbacks or gathering on the
+event loop); cancelling that future takes the call's queued items out of later passes.
 """
 from __future__ import annotations
 
@@ -42,14 +46,31 @@ class Expired(Exception):
     """The item's deadline passed before a forward pass took it."""
 
 
-@dataclasses.dataclass(eq=False)
+class _Call:
+    """The items of one :meth:`ScoringEngine.submit_call`: one future, resolved with every score (in item order) or the
+    first error of any of its items."""
+
+    __slots__ = ("future", "scores", "left")
+
+    def __init__(self, future: asyncio.Future, count: int) -> None:
+        self.future = future
+        self.scores: list[float] = [0.0] * count
+        self.left = count
+
+    def cancelled(self) -> bool:  # as asyncio.Future.cancelled for the engine thread: nobody waits for it any more
+        return self.future.done()
+
+
+@dataclasses.dataclass(eq=False, slots=True)
 class Job:
-    """One item waiting for its score; the future belongs to the event loop."""
+    """One item waiting for its score; the future (the item's own, or its call's) belongs to the event loop."""
 
     item: RewardInput
-    future: asyncio.Future
+    future: asyncio.Future | _Call
     deadline: float | None  # time.monotonic()
     seq: int
+    index: int = 0
+    """The item's place in its call (a _Call's job)."""
 
 
 @dataclasses.dataclass
@@ -93,18 +114,33 @@ class ScoringEngine:
     def submit(self, items: Sequence[RewardInput], deadline: float | None = None) -> list[asyncio.Future]:
         """Queue ``items``; one future per item, resolved with its score (float) on the engine's loop."""
         futures = [self.loop.create_future() for _ in items]
+        self._queue([(item, future, 0) for item, future in zip(items, futures, strict=True)], deadline)
+        return futures
+
+    def submit_call(self, items: Sequence[RewardInput], deadline: float | None = None) -> asyncio.Future:
+        """Queue ``items`` of one call; one future, resolved on the engine's loop with their scores (floats, in item
+        order) once all are scored, or failed with the first error of any of them (Expired, EngineStopped, a failed
+        forward pass). Cancelling it drops the items that still wait."""
+        future = self.loop.create_future()
+        if not items:
+            future.set_result([])
+            return future
+        call = _Call(future, len(items))
+        self._queue([(item, call, i) for i, item in enumerate(items)], deadline)
+        return future
+
+    def _queue(self, entries: list[tuple[RewardInput, Any, int]], deadline: float | None) -> None:
         with self._cond:
             if self._stopping:
                 raise EngineStopped("this reward-model version is being unloaded")
-            if self._pending + len(items) > self.max_queue:
+            if self._pending + len(entries) > self.max_queue:
                 raise QueueFull(f"{self._pending} items are waiting to be scored (max_queue {self.max_queue})")
-            for item, future in zip(items, futures, strict=True):
-                self._buckets[bucket_of(item.length, self.bucket_ratio)].append(
-                    Job(item, future, deadline, next(self._seq)))
-            self._pending += len(items)
-            self._gauge(len(items))
+            buckets, ratio, seq = self._buckets, self.bucket_ratio, self._seq
+            for item, future, index in entries:
+                buckets[bucket_of(item.length, ratio)].append(Job(item, future, deadline, next(seq), index))
+            self._pending += len(entries)
+            self._gauge(len(entries))
             self._cond.notify()
-        return futures
 
     @property
     def pending(self) -> int:
@@ -154,13 +190,14 @@ class ScoringEngine:
         now = time.monotonic()
         jobs: list[Job] = []
         dropped: list[tuple[Job, BaseException]] = []
+        taken = 0
         while not jobs and self._pending:
             key = min((b for b, q in self._buckets.items() if q), key=lambda b: self._buckets[b][0].seq)
             queue = self._buckets[key]
             while queue and len(jobs) < self.max_batch_size:
                 job = queue.popleft()
                 self._pending -= 1
-                self._gauge(-1)
+                taken += 1
                 if job.future.cancelled():
                     continue
                 if job.deadline is not None and job.deadline <= now:
@@ -169,6 +206,7 @@ class ScoringEngine:
                 jobs.append(job)
             if not queue:
                 del self._buckets[key]
+        self._gauge(-taken)
         return jobs, dropped
 
     def _forward(self, jobs: list[Job]) -> None:
@@ -176,7 +214,7 @@ class ScoringEngine:
         version_metrics = self.metrics
         started = time.perf_counter()
         try:
-            inputs = self.reward_model.collate([j.item for j in jobs])
+            inputs = self._collate([j.item for j in jobs])
             with torch.inference_mode():
                 scores = self.reward_model(**inputs).float().cpu().tolist()  # (B,)
         except Exception as e:  # noqa: BLE001 - every item of the pass fails with the cause; the engine goes on
@@ -191,6 +229,21 @@ class ScoringEngine:
             width = max(j.item.length for j in jobs)
             version_metrics.padding.observe(1.0 - sum(j.item.length for j in jobs) / (width * len(jobs)))
         self._post(list(zip(jobs, scores, strict=True)))
+
+    def _collate(self, rows: list[RewardInput]) -> dict[str, torch.Tensor]:
+        """``RewardModel.collate``: for a causal model the same tensors built from padded lists in one ``torch.tensor``
+        each (not one per row); an encoder's through the tokenizer's own ``pad``, as the core does."""
+        model = self.reward_model
+        pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+        if not isinstance(model, RewardModel) or model.pair_input or pad is None:
+            return model.collate(rows)
+        lengths = [len(r.features["input_ids"]) for r in rows]
+        width = max(lengths)
+        input_ids = torch.tensor([r.features["input_ids"] + [pad] * (width - n) for r, n in zip(rows, lengths)],
+                                 dtype=torch.long)
+        attention_mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], dtype=torch.long)
+        device = model.device
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
     def _resolve_dropped(self, dropped: list[tuple[Job, BaseException]]) -> None:
         if dropped:
@@ -214,9 +267,22 @@ class ScoringEngine:
 
 def _deliver(results: list[tuple[Job, Any]]) -> None:
     for job, result in results:
-        if job.future.done():
+        sink = job.future
+        if isinstance(sink, _Call):
+            future = sink.future
+            if future.done():  # cancelled, or failed by another of its items
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+                continue
+            sink.scores[job.index] = result
+            sink.left -= 1
+            if sink.left == 0:
+                future.set_result(sink.scores)
+            continue
+        if sink.done():
             continue
         if isinstance(result, BaseException):
-            job.future.set_exception(result)
+            sink.set_exception(result)
         else:
-            job.future.set_result(result)
+            sink.set_result(result)

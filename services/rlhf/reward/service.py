@@ -4,11 +4,13 @@
    the item's index (``items[3].response``);
 2. take a lease on the version (pinned, else the current one) for the whole call;
 3. format each item as the reward model was trained on it: a plain prompt through ``core.tokenizer.format_prompt``
-   (the chat template with a user turn), chat messages through ``core.tokenizer.format_chat``;
+   (the chat template with a user turn), chat messages through ``core.tokenizer.format_chat`` (the same texts, one
+   template call for the whole call: rlhf.reward.inputs);
 4. look the items up in the score cache (key: version and a hash of the formatted prompt and the response); a cache
    that is down means every item is a miss, counted, never a failure;
-5. tokenize the misses (an item longer than the version's context is INVALID_ARGUMENT, never truncated) and queue them
-   on the version's engine, which batches them with other calls' items;
+5. tokenize the misses (one tokenizer call for the call; an item longer than the version's context is
+   INVALID_ARGUMENT, never truncated) and queue them on the version's engine (one future for the call), which batches
+   them with other calls' items;
 6. store the new scores in the cache, answer.
 """
 from __future__ import annotations
@@ -91,14 +93,6 @@ def validate_score(request: reward_pb2.ScoreRequest, limits: Limits) -> list[Val
     return out
 
 
-def _formatted(tokenizer: Any, index: int, item: ValidItem) -> str:
-    try:
-        return item.format(tokenizer)
-    except Exception as e:  # a chat template may reject a conversation (roles that do not alternate)
-        raise InvalidArgument(f"items[{index}].messages",
-                              f"the reward model's chat template rejects this conversation: {e}") from None
-
-
 class RewardScorer:
     """What RewardService.Score does, without gRPC."""
 
@@ -136,8 +130,7 @@ class RewardScorer:
 
     async def _score(self, loaded: LoadedReward, items: Sequence[ValidItem],
                      time_remaining: float | None) -> tuple[list[float], int]:
-        tokenizer = loaded.model.tokenizer
-        prompts = [_formatted(tokenizer, i, item) for i, item in enumerate(items)]  # 3.
+        prompts = loaded.inputs.format_many(items)  # 3.
         # the keys (a hash of each text) only when there is a cache to ask
         cache_keys = ([keys.reward_score(loaded.name, p, item.response) for p, item in zip(prompts, items)]
                       if self.cache_ttl_s > 0 else [])
@@ -148,13 +141,13 @@ class RewardScorer:
             inputs = self._tokenized(loaded, misses, prompts, items)  # 5.
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
             try:
-                futures = loaded.engine.submit(inputs, deadline)
+                call = loaded.engine.submit_call(inputs, deadline)
             except QueueFull as e:
                 raise ResourceExhausted(f"{e}; retry later") from None
             except EngineStopped as e:
                 raise Unavailable(f"{e}; retry") from None
             try:
-                fresh = await asyncio.gather(*futures)
+                fresh = await call
             except Expired:
                 raise TimeoutError from None
             except EngineStopped as e:
@@ -164,19 +157,23 @@ class RewardScorer:
             except Exception as e:  # noqa: BLE001 - a failed forward pass
                 raise Unavailable(f"scoring failed on {loaded.name}: {e}") from e
             finally:
-                for f in futures:
-                    f.cancel()  # a call that ends early (deadline, cancel) takes its queued items with it
-            for i, s in zip(misses, fresh, strict=True):
-                scores[i] = s
+                call.cancel()  # a call that ends early (deadline, cancel) takes its queued items with it
+            if not hits:
+                scores = fresh
+            else:
+                for i, s in zip(misses, fresh, strict=True):
+                    scores[i] = s
             if cache_keys:
                 await self._store({cache_keys[i]: _SCORE.pack(s) for i, s in zip(misses, fresh, strict=True)})  # 6.
-        return [float(s) for s in scores], hits  # type: ignore[arg-type]
+        return scores, hits  # type: ignore[return-value]
 
     def _tokenized(self, loaded: LoadedReward, indices: Sequence[int], prompts: Sequence[str],
                    items: Sequence[ValidItem]) -> list:
         """The model inputs of ``items[indices]``; an item longer than the version's context is INVALID_ARGUMENT."""
-        inputs = loaded.model.tokenize_many([prompts[i] for i in indices], [items[i].response for i in indices],
-                                            truncate=False)
+        if len(indices) == len(items):
+            inputs = loaded.inputs.tokenize_many(prompts, [item.response for item in items])
+        else:
+            inputs = loaded.inputs.tokenize_many([prompts[i] for i in indices], [items[i].response for i in indices])
         for index, item in zip(indices, inputs, strict=True):
             if item.length <= loaded.context:
                 continue

@@ -14,8 +14,9 @@ from rlhf.cache.base import Cache, CacheError
 from rlhf.reward import metrics
 from rlhf.reward.config import RewardConfig
 from rlhf.reward.engine import EngineMetrics, ScoringEngine
+from rlhf.reward.inputs import InputBuilder
 from rlhf.reward.service import RewardScorer
-from rlhf.reward.versions import LoadedReward, RewardVersions
+from rlhf.reward.versions import PROBE, LoadedReward, RewardVersions
 from rlhf.serving.component import ServiceComponent
 from rlhf.serving.errors import InvalidArgument
 from rlhf.serving.model_events import ModelEventFollower, group_id, version_of_folder
@@ -62,6 +63,8 @@ def load_version(config: RewardConfig, loop: asyncio.AbstractEventLoop, version:
     reward_model.max_length = context
     reward_model.model.to(resolve_device(config.device))
     reward_model.model.eval()
+    inputs = InputBuilder(reward_model)
+    inputs.check(PROBE)  # the fast formatting and tokenizing give the core's texts and ids, or are off
     engine = ScoringEngine(
         reward_model, loop=loop, name=version.version, max_batch_size=config.max_batch_size,
         max_wait_s=config.max_wait_s, max_queue=config.max_queue, bucket_ratio=config.bucket_ratio,
@@ -72,7 +75,7 @@ def load_version(config: RewardConfig, loop: asyncio.AbstractEventLoop, version:
             queue_depth=metrics.QUEUE_DEPTH,
         ),
     )
-    return LoadedReward(version=version, model=reward_model, engine=engine, context=context)
+    return LoadedReward(version=version, model=reward_model, engine=engine, context=context, inputs=inputs)
 
 
 class RewardComponent(ServiceComponent):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from rlhf.core.models import RewardModel
 from rlhf.reward import metrics
 from rlhf.reward.engine import ScoringEngine
+from rlhf.reward.inputs import InputBuilder
 from rlhf.serving.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from rlhf.v1 import common_pb2, events_pb2, reward_pb2
 
@@ -46,6 +47,12 @@ class LoadedReward:
     in_flight: int = 0
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     draining: bool = False
+    inputs: InputBuilder | None = None
+    """Formats and tokenizes calls' items for this version (built from the model when not given)."""
+
+    def __post_init__(self) -> None:
+        if self.inputs is None:
+            self.inputs = InputBuilder(self.model)
 
     @property
     def name(self) -> str:
