@@ -7,12 +7,15 @@ of the same topics, in the same run; and reward-model retraining time per 1,000 
     python benchmarks/trainer_consume.py --records 30000 --repeats 3
     python benchmarks/trainer_consume.py --skip-consume --rm-comparisons 500,1000    # the training part only
 
-The records are written once (served responses, rankings of two of them, and demonstrations, in the proportions
-1 : 1 : 1) to rlhf.responses.v1 and rlhf.feedback.v1; each repeat then reads exactly that range:
+The records are written once (a third served responses, a sixth rankings of two of them, half demonstrations) to
+rlhf.responses.v1 and rlhf.feedback.v1; each repeat then reads exactly that range:
 * ``raw``: ``kafka.KafkaConsumer`` assigned to the partitions, seeking to the range's start, polling until it has
   every record (it parses nothing and stores nothing: the floor of reading);
-* ``trainer``: the trainer's ``FeedbackConsumer`` (a group member with its rebalance listener) over a new dataset whose
-  start offsets are the range's start, until the dataset holds every record.
+* ``trainer``: the trainer's ``FeedbackConsumer`` (a group member with its rebalance listener; storing in its store
+  process, or with ``--store-thread`` on its consumer thread) over a new dataset whose start offsets are the range's
+  start, until the dataset holds every record.
+Both use kafka-python's default fetch settings and at most 2,000 records per poll, and both clocks start before the
+consumer connects (the raw one's first polls wait ~0.2 s for metadata, the trainer's for its group to assign it).
 Repeats alternate (raw, trainer, ...); medians are reported. Goal: trainer >= 0.8x of raw.
 """
 from __future__ import annotations
@@ -68,13 +71,13 @@ def len_partitions(bus, topic: str) -> int:
 def raw(bootstrap: str, starts: dict, n: int) -> float:
     from kafka import KafkaConsumer, TopicPartition
 
+    started = time.perf_counter()  # like the trainer's: from before the consumer connects
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     tps = {TopicPartition(t, p): o for (t, p), o in starts.items()}
     c.assign(list(tps))
     for tp, o in tps.items():
         c.seek(tp, o)
     got = 0
-    started = time.perf_counter()
     while got < n:
         for records in c.poll(timeout_ms=500, max_records=2000).values():
             got += len(records)
@@ -83,14 +86,14 @@ def raw(bootstrap: str, starts: dict, n: int) -> float:
     return elapsed
 
 
-def trainer(bus, starts: dict, n: int, workdir: str) -> float:
+def trainer(bus, starts: dict, n: int, workdir: str, store_process: bool = True) -> float:
     from rlhf.trainer.consume import FeedbackConsumer
     from rlhf.trainer.dataset import Dataset
 
     dataset = Dataset(os.path.join(workdir, f"bench-{uuid.uuid4().hex[:6]}.sqlite"))
     dataset.mark_start(dict(starts))
     consumer = FeedbackConsumer(bus, dataset, group=f"bench-trainer-{uuid.uuid4().hex[:6]}", max_records=2000,
-                                housekeeping_s=60)
+                                housekeeping_s=60, store_process=store_process)
     started = time.perf_counter()
     consumer.start()
     while sum(consumer.consumed.values()) < n:
@@ -139,8 +142,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=30000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rm-comparisons", default="1000", help="comma-separated sizes for the retraining timing")
+    parser.add_argument("--rm-comparisons", default="1000",
+                        help="comma-separated sizes for the retraining timing ('' or 0: skip it)")
     parser.add_argument("--skip-consume", action="store_true")
+    parser.add_argument("--store-thread", action="store_true",
+                        help="the trainer stores on its consumer thread (store_process=False), not in its process")
     parser.add_argument("--out", default="out/bench/trainer_consume.json")
     args = parser.parse_args()
     from rlhf.bus import topics
@@ -148,7 +154,8 @@ def main() -> int:
 
     bootstrap = os.environ.get("RLHF_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
     workdir = tempfile.mkdtemp(prefix="bench-trainer-")
-    result: dict = {"records": args.records, "load_before": os.getloadavg()}
+    result: dict = {"records": args.records, "load_before": os.getloadavg(),
+                    "store": "thread" if args.store_thread else "process"}
     if not args.skip_consume:
         bus = KafkaBus(KafkaConfig(bootstrap_servers=bootstrap))
         bus.ensure_topics(topics.platform_topics(partitions=3))
@@ -157,7 +164,7 @@ def main() -> int:
         raws, trainers = [], []
         for _ in range(args.repeats):
             raws.append(n / raw(bootstrap, written["starts"], n))
-            trainers.append(n / trainer(bus, written["starts"], n, workdir))
+            trainers.append(n / trainer(bus, written["starts"], n, workdir, store_process=not args.store_thread))
             print(f"raw {raws[-1]:9.0f} records/s   trainer {trainers[-1]:9.0f} records/s")
         bus.close(10)
         result.update({"raw_records_per_s": statistics.median(raws), "trainer_records_per_s": statistics.median(trainers),
@@ -165,7 +172,8 @@ def main() -> int:
                                                                                                 "trainer": trainers}})
         print(f"median: raw {result['raw_records_per_s']:.0f}, trainer {result['trainer_records_per_s']:.0f} "
               f"records/s, ratio {result['ratio']:.2f}")
-    result["retraining"] = retraining([int(x) for x in args.rm_comparisons.split(",")], workdir)
+    sizes = [int(x) for x in args.rm_comparisons.split(",") if x.strip() and int(x) > 0]
+    result["retraining"] = retraining(sizes, workdir) if sizes else []
     result["load_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

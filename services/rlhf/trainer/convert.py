@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from rlhf.v1 import events_pb2, feedback_pb2
 
@@ -49,8 +50,13 @@ class Prompt:
     @functools.cached_property
     def key(self) -> str:
         """Equal for equal prompts (a plain prompt and a conversation never collide)."""
-        raw = "m" + json.dumps(self.messages) if self.messages else "p" + self.text
-        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+        return prompt_key(self.text, json.dumps(self.messages) if self.messages else "")
+
+
+def prompt_key(text: str, messages_json: str = "") -> str:
+    """:attr:`Prompt.key` from a prompt's stored form (its text, and its messages as JSON or "" when none)."""
+    raw = "m" + messages_json if messages_json else "p" + text
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +67,26 @@ class Response:
     prompt: Prompt
     text: str
     policy_version: str = ""
+
+    @property
+    def prompt_key(self) -> str:
+        return self.prompt.key
+
+
+class StoredResponse(NamedTuple):
+    """A served response in its stored form (a row of the dataset's ``responses`` table, without dataclasses: the
+    hot path of consumption builds one per record)."""
+
+    prompt: str
+    messages_json: str
+    """The conversation as JSON, "[]" for a plain prompt."""
+    prompt_key: str
+    text: str
+    policy_version: str
+
+    def response(self, response_id: str) -> Response:
+        return Response(response_id, Prompt(self.prompt, tuple(tuple(m) for m in json.loads(self.messages_json))),
+                        self.text, self.policy_version)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +156,44 @@ def response_of(served: events_pb2.ServedResponse) -> Response:
     return Response(served.response_id, prompt, served.text, served.policy_version)
 
 
+def stored_response(served: events_pb2.ServedResponse) -> StoredResponse:
+    """:func:`response_of` in its stored form (the same prompt, text and key)."""
+    messages = served.messages.messages
+    if messages:
+        messages_json = json.dumps([(m.role, m.content) for m in messages])
+        text = served.input_prompt
+    else:
+        messages_json, text = "[]", served.input_prompt or served.prompt
+    return StoredResponse(text, messages_json, prompt_key(text, "" if messages_json == "[]" else messages_json),
+                          served.text, served.policy_version)
+
+
+def demonstration_row(event: feedback_pb2.FeedbackEvent) -> tuple[str, str, str, str]:
+    """:func:`demonstration_of` in its stored form: (prompt text, messages as JSON, response, source event id)."""
+    demo = event.demonstration
+    messages = demo.messages.messages
+    if messages:
+        return "", json.dumps([(m.role, m.content) for m in messages]), demo.response, event.event_id
+    return demo.prompt, "[]", demo.response, event.event_id
+
+
+def preference(event: feedback_pb2.FeedbackEvent, kind: str, needed_ids: Sequence[str],
+               responses: Sequence) -> tuple[Sequence[str], float | None]:
+    """The texts, best first, and the margin of a pairwise preference or a ranking whose responses (in
+    ``needed_ids`` order; anything with ``prompt_key`` and ``text``) are given. Raises :class:`Unusable` (the rules of
+    :func:`convert`, which uses it)."""
+    keys = {r.prompt_key for r in responses}
+    what = "pair" if kind == "pairwise" else "ranking"
+    if len(keys) != 1:
+        raise Unusable(f"the {what}'s responses ({', '.join(needed_ids)}) answer different prompts")
+    texts = tuple(r.text for r in responses)
+    if kind == "pairwise":
+        return texts, STRENGTH_MARGIN.get(event.pairwise.strength)
+    if len(set(texts)) < len(texts):
+        raise Unusable("the ranking orders responses with the same text")
+    return texts, None
+
+
 def needed_responses(event: feedback_pb2.FeedbackEvent) -> tuple[str, ...]:
     """The response ids an event needs before it can be converted."""
     kind = kind_of(event)
@@ -142,14 +206,6 @@ def needed_responses(event: feedback_pb2.FeedbackEvent) -> tuple[str, ...]:
     if kind == "edit":
         return (event.edit.response_id,)
     return ()
-
-
-def _same_prompt(responses: Sequence[Response], what: str) -> Prompt:
-    keys = {r.prompt.key for r in responses}
-    if len(keys) != 1:
-        ids = ", ".join(r.response_id for r in responses)
-        raise Unusable(f"the {what}'s responses ({ids}) answer different prompts")
-    return responses[0].prompt
 
 
 def _rating_value(rating: feedback_pb2.Rating) -> float:
@@ -185,16 +241,10 @@ def convert(event: feedback_pb2.FeedbackEvent, responses: Mapping[str, Response]
             high, low = (mine, other) if mine.value > other.value else (other, mine)
             pairs.append(Comparison(response.prompt, (high.text, low.text), tuple(sorted((mine.event_id, other.event_id)))))
         return Derived(comparisons=tuple(pairs), rating=mine)
-    if kind == "pairwise":
-        chosen, rejected = needed
-        prompt = _same_prompt(needed, "pair")
-        return Derived(comparisons=(Comparison(prompt, (chosen.text, rejected.text), (eid,),
-                                               STRENGTH_MARGIN.get(event.pairwise.strength)),))
-    if kind == "ranking":
-        prompt = _same_prompt(needed, "ranking")
-        if len({r.text for r in needed}) < len(needed):
-            raise Unusable("the ranking orders responses with the same text")
-        return Derived(comparisons=(Comparison(prompt, tuple(r.text for r in needed), (eid,)),))
+    if kind in ("pairwise", "ranking"):
+        ids = needed_responses(event) if needed_ids is None else needed_ids
+        texts, margin = preference(event, kind, ids, needed)
+        return Derived(comparisons=(Comparison(needed[0].prompt, tuple(texts), (eid,), margin),))
     if kind == "demonstration":
         return Derived(demonstrations=(demonstration_of(event),))
     # edit

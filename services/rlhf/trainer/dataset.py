@@ -22,20 +22,30 @@ published twice after a crash is the same event twice, which DLQ readers dedupli
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
-import sqlite3
-import threading
 import logging
+import os
+import pickle
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
+from json.encoder import encode_basestring_ascii as _encode_str
 
 from rlhf.bus import topics
 from rlhf.bus.base import Message, TopicPartition
 from rlhf.trainer import convert
-from rlhf.trainer.convert import Comparison, Demonstration, Prompt, RatingValue, Response, Unusable
+from rlhf.trainer.convert import Comparison, Demonstration, Prompt, RatingValue, StoredResponse, Unusable
 from rlhf.v1 import events_pb2, feedback_pb2
 
 log = logging.getLogger(__name__)
@@ -49,6 +59,7 @@ CREATE TABLE IF NOT EXISTS feedback(event_id TEXT PRIMARY KEY, kind TEXT, state 
     topic TEXT, partition INTEGER, "offset" INTEGER, reason TEXT);
 CREATE INDEX IF NOT EXISTS feedback_pending ON feedback(stored_at) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS waiting(response_id TEXT, event_id TEXT, PRIMARY KEY(response_id, event_id));
+CREATE INDEX IF NOT EXISTS waiting_event ON waiting(event_id);
 CREATE TABLE IF NOT EXISTS ratings(event_id TEXT PRIMARY KEY, response_id TEXT, prompt_key TEXT, value REAL, text TEXT);
 CREATE INDEX IF NOT EXISTS ratings_prompt ON ratings(prompt_key);
 CREATE TABLE IF NOT EXISTS comparisons(id INTEGER PRIMARY KEY AUTOINCREMENT, prompt TEXT, messages TEXT,
@@ -73,6 +84,7 @@ class StoreOutcome:
     dead: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by reason class
     comparisons: int = 0
     demonstrations: int = 0
+    offsets: dict = dataclasses.field(default_factory=dict)  # the next offsets stored, by partition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +126,11 @@ def _existing(db: sqlite3.Connection, table: str, column: str, ids: Sequence[str
     return found
 
 
+def _json_strs(strings: Sequence[str]) -> str:
+    """``json.dumps`` of a list of str (the same text), without the encoder's per-call set-up."""
+    return "[" + ", ".join(map(_encode_str, strings)) + "]"
+
+
 def _messages_json(prompt: Prompt) -> str:
     return json.dumps(prompt.messages) if prompt.messages else "[]"
 
@@ -126,24 +143,24 @@ def _letter(event_id: str, payload: bytes, topic: str, partition: int, offset: i
 
 
 class _Rows:
-    """The rows of one transaction, by table, written at its end with one executemany each."""
+    """The rows of one transaction, by table, as plain tuples (no dataclass per record: building rows is most of a
+    record's cost), written at its end with one ``executemany`` each."""
 
     def __init__(self, now: float) -> None:
         self.now = now
-        self.responses: dict[str, Response] = {}  # stored in this batch
-        self.known: dict[str, Response] = {}  # stored before, looked up for this batch
-        self.feedback: list[tuple] = []
+        self.responses: dict[str, StoredResponse] = {}  # stored in this batch
+        self.known: dict[str, StoredResponse] = {}  # stored before, looked up for this batch
+        self.feedback: list[tuple] = []  # new feedback rows
+        self.updates: list[tuple[str, str, str]] = []  # (state, reason, event_id) of feedback that waited
         self.waiting: list[tuple[str, str]] = []
         self.ratings: list[RatingValue] = []
         self.comparisons: list[tuple] = []
         self.demonstrations: list[tuple] = []
         self.outbox: list[tuple[str, bytes]] = []
 
-    def response(self, response_id: str) -> Response | None:
-        return self.responses.get(response_id) or self.known.get(response_id)
-
-    def feedback_row(self, event_id: str, kind: str, state: str, m: Message, reason: str = "") -> None:
-        self.feedback.append((event_id, kind, state, m.value, self.now, m.topic, m.partition, m.offset, reason))
+    def response(self, response_id: str) -> StoredResponse | None:
+        found = self.responses.get(response_id)
+        return found if found is not None else self.known.get(response_id)
 
     def outbox_letter(self, event_id: str, payload: bytes, topic: str, partition: int, offset: int, reason: str,
                       out: StoreOutcome) -> None:
@@ -157,11 +174,14 @@ class _Rows:
 
     def write(self, db: sqlite3.Connection) -> None:
         if self.responses:
+            now = self.now
             db.executemany("INSERT OR IGNORE INTO responses VALUES(?,?,?,?,?,?,?)", [
-                (r.response_id, r.prompt.text, _messages_json(r.prompt), r.prompt.key, r.text, r.policy_version,
-                 self.now) for r in self.responses.values()])
+                (rid, r.prompt, r.messages_json, r.prompt_key, r.text, r.policy_version, now)
+                for rid, r in self.responses.items()])
         if self.feedback:
             db.executemany("INSERT OR IGNORE INTO feedback VALUES(?,?,?,?,?,?,?,?,?)", self.feedback)
+        if self.updates:
+            db.executemany("UPDATE feedback SET state=?, reason=? WHERE event_id=?", self.updates)
         if self.waiting:
             db.executemany("INSERT OR IGNORE INTO waiting VALUES(?,?)", self.waiting)
         if self.ratings:
@@ -249,155 +269,188 @@ class Dataset:
         ``executemany`` each, and lookups are one query per batch, not per record."""
         now = time.time() if now is None else now
         out = StoreOutcome()
-        known = self.stored_offsets()
-        fresh = [m for m in messages if m.offset >= known.get((m.topic, m.partition), 0)]  # 1.
-        if len(fresh) < len(messages):
-            out.duplicates["redelivered"] += len(messages) - len(fresh)
-        highest: dict[TopicPartition, int] = {}
-        for m in messages:
-            tp = (m.topic, m.partition)
-            if m.offset > highest.get(tp, -1):
-                highest[tp] = m.offset
         rows = _Rows(now)
         with self._tx() as db:
-            responses = [m for m in fresh if m.topic == topics.RESPONSES]
-            feedback = [m for m in fresh if m.topic == topics.FEEDBACK]
-            for topic, batch in ((topics.RESPONSES, responses), (topics.FEEDBACK, feedback)):
-                if batch:
-                    out.consumed[topic] += len(batch)
+            # The offsets as this transaction sees them (not the cache): another writer (a store process of a
+            # trainer restarted meanwhile) may have stored more since this instance read them.
+            known = {(t, p): o for t, p, o in db.execute("SELECT topic, partition, next_offset FROM offsets")}
+            highest: dict[TopicPartition, int] = {}
+            responses: list[Message] = []
+            feedback: list[Message] = []
+            redelivered = 0
+            for m in messages:
+                tp = (m.topic, m.partition)
+                offset = m.offset
+                if offset < known.get(tp, 0):  # 1.
+                    redelivered += 1
+                    continue
+                if offset > highest.get(tp, -1):
+                    highest[tp] = offset
+                if m.topic == topics.FEEDBACK:
+                    feedback.append(m)
+                elif m.topic == topics.RESPONSES:
+                    responses.append(m)
+            if redelivered:
+                out.duplicates["redelivered"] += redelivered
+            new_offsets = {tp: o + 1 for tp, o in highest.items() if o + 1 > known.get(tp, 0)}
+            if responses:
+                out.consumed[topics.RESPONSES] += len(responses)
+            if feedback:
+                out.consumed[topics.FEEDBACK] += len(feedback)
             arrived = self._store_responses(db, responses, rows, out)  # 2.
             self._store_feedback(db, feedback, rows, out)  # 3.
             if arrived:
                 self._resolve_waiting(db, arrived, rows, out)
             rows.write(db)
-            new_offsets = {tp: o + 1 for tp, o in highest.items() if o + 1 > known.get(tp, 0)}
             db.executemany(  # 4.
                 "INSERT INTO offsets VALUES(?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET "
                 "next_offset=max(next_offset, excluded.next_offset)",
                 [(t, p, o) for (t, p), o in new_offsets.items()])
-        with self._offsets_lock:
-            for tp, o in new_offsets.items():
-                self._offsets[tp] = max(self._offsets.get(tp, 0), o)
+        self.advance(new_offsets)
         out.comparisons, out.demonstrations = len(rows.comparisons), len(rows.demonstrations)
+        out.offsets = new_offsets
         return out
+
+    def advance(self, offsets: dict[TopicPartition, int]) -> None:
+        """Note offsets stored (and committed) by another writer of this file, e.g. a :class:`StoreProcess`."""
+        with self._offsets_lock:
+            for tp, o in offsets.items():
+                if o > self._offsets.get(tp, 0):
+                    self._offsets[tp] = o
 
     def _store_responses(self, db: sqlite3.Connection, messages: Sequence[Message], rows: _Rows,
                          out: StoreOutcome) -> list[str]:
         """2.: the responses not stored before (by response_id); returns their ids."""
-        parsed: dict[str, Response] = {}
+        parsed = rows.responses
+        duplicates = 0
+        parse = events_pb2.ServedResponse.FromString
         for m in messages:
             try:
-                served = events_pb2.ServedResponse.FromString(m.value)
+                served = parse(m.value)
             except DecodeError:
                 rows.dead_letter("", m, "cannot parse the record as rlhf.v1.ServedResponse", out)
                 continue
-            if not served.response_id:
+            response_id = served.response_id
+            if not response_id:
                 rows.dead_letter("", m, "the served response has no response_id", out)
                 continue
-            if served.response_id in parsed or served.response_id in rows.responses:
-                out.duplicates["response"] += 1
+            if response_id in parsed:
+                duplicates += 1
                 continue
-            parsed[served.response_id] = convert.response_of(served)
-        existing = _existing(db, "responses", "response_id", list(parsed))
-        for rid in existing:
+            parsed[response_id] = convert.stored_response(served)
+        existing = _existing(db, "responses", "response_id", list(parsed)) if parsed else []
+        for rid in existing:  # the stored one is looked up when feedback needs it
             del parsed[rid]
-        if existing:
-            out.duplicates["response"] += len(existing)
+        duplicates += len(existing)
+        if duplicates:
+            out.duplicates["response"] += duplicates
         if parsed:
             out.stored["response"] += len(parsed)
-        rows.responses.update(parsed)
         return list(parsed)
 
     def _store_feedback(self, db: sqlite3.Connection, messages: Sequence[Message], rows: _Rows,
                         out: StoreOutcome) -> None:
         """3.: events not stored before (by event_id), converted when their responses are all stored."""
-        records: list[tuple[Message, events_pb2.FeedbackRecord]] = []
+        records: list[tuple[Message, feedback_pb2.FeedbackEvent, str]] = []
         seen: set[str] = set()
+        parse = events_pb2.FeedbackRecord.FromString
         for m in messages:
             try:
-                record = events_pb2.FeedbackRecord.FromString(m.value)
+                event = parse(m.value).event
             except DecodeError:
                 rows.dead_letter("", m, "cannot parse the record as rlhf.v1.FeedbackRecord", out)
                 continue
-            event_id = record.event.event_id
+            event_id = event.event_id
             if not event_id:
                 rows.dead_letter("", m, "the feedback event has no event_id", out)
                 continue
             if event_id in seen:
-                out.duplicates[record.event.WhichOneof("kind") or "none"] += 1
+                out.duplicates[event.WhichOneof("kind") or "none"] += 1
                 continue
             seen.add(event_id)
-            records.append((m, record))
+            records.append((m, event, event_id))
+        if not records:
+            return
         existing = set(_existing(db, "feedback", "event_id", list(seen)))
-        stored, duplicates = collections.Counter(), collections.Counter()
-        waiting: list[tuple[Message, feedback_pb2.FeedbackEvent, str, tuple[str, ...]]] = []
-        for m, record in records:
-            event = record.event
-            event_id, kind = event.event_id, event.WhichOneof("kind") or "none"
+        stored: dict[str, int] = {}
+        duplicates: dict[str, int] = {}
+        waiting: list[tuple[Message, feedback_pb2.FeedbackEvent, str, str, tuple[str, ...]]] = []
+        now, feedback_rows, demonstrations = rows.now, rows.feedback, rows.demonstrations
+        for m, event, event_id in records:
+            kind = event.WhichOneof("kind") or "none"
             if event_id in existing:
-                duplicates[kind] += 1
+                duplicates[kind] = duplicates.get(kind, 0) + 1
                 continue
-            stored[kind] += 1
+            stored[kind] = stored.get(kind, 0) + 1
             if kind == "demonstration":  # needs no response: converted at once (most of a busy stream)
-                d = convert.demonstration_of(event)
-                rows.demonstrations.append((d.prompt.text, _messages_json(d.prompt), d.response, d.source))
-                rows.feedback_row(event_id, kind, USED, m)
+                demonstrations.append(convert.demonstration_row(event))
+                feedback_rows.append((event_id, kind, USED, m.value, now, m.topic, m.partition, m.offset, ""))
                 continue
             try:
-                waiting.append((m, event, kind, convert.needed_responses(event)))
+                waiting.append((m, event, event_id, kind, convert.needed_responses(event)))
             except Unusable as e:
-                rows.feedback_row(event_id, kind, DEAD, m, e.reason)
+                feedback_rows.append((event_id, kind, DEAD, m.value, now, m.topic, m.partition, m.offset, e.reason))
                 rows.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, e.reason, out)
         out.stored.update(stored)
         out.duplicates.update(duplicates)
+        if not waiting:
+            return
         wanted = {r for *_, ids in waiting for r in ids if r not in rows.responses}
-        rows.known.update(self._responses(db, list(wanted)))
-        for m, event, kind, needed in waiting:
+        if wanted:
+            rows.known.update(self._responses(db, list(wanted)))
+        for m, event, event_id, kind, needed in waiting:
             missing = [r for r in dict.fromkeys(needed) if rows.response(r) is None]
             if missing:
-                rows.feedback_row(event.event_id, kind, PENDING, m)
-                rows.waiting.extend((r, event.event_id) for r in missing)
+                feedback_rows.append((event_id, kind, PENDING, m.value, now, m.topic, m.partition, m.offset, ""))
+                rows.waiting.extend((r, event_id) for r in missing)
                 continue
-            state, reason = self._convert(db, event, rows, out, needed)
-            rows.feedback_row(event.event_id, kind, state, m, reason)
+            state, reason = self._convert(db, event, event_id, kind, needed, rows)
+            feedback_rows.append((event_id, kind, state, m.value, now, m.topic, m.partition, m.offset, reason))
             if state == DEAD:
-                rows.outbox_letter(event.event_id, m.value, m.topic, m.partition, m.offset, reason, out)
+                rows.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, reason, out)
 
-    def _responses(self, db: sqlite3.Connection, response_ids: Sequence[str]) -> dict[str, Response]:
-        out: dict[str, Response] = {}
+    def _responses(self, db: sqlite3.Connection, response_ids: Sequence[str]) -> dict[str, StoredResponse]:
+        out: dict[str, StoredResponse] = {}
         for chunk in _chunks(response_ids):
             marks = ",".join("?" * len(chunk))
-            for rid, p, msgs, text, version in db.execute(
-                    f"SELECT response_id, prompt, messages, text, policy_version FROM responses "
+            for rid, *row in db.execute(
+                    f"SELECT response_id, prompt, messages, prompt_key, text, policy_version FROM responses "
                     f"WHERE response_id IN ({marks})", chunk):
-                out[rid] = Response(rid, Prompt(p, tuple(tuple(x) for x in json.loads(msgs))), text, version)
+                out[rid] = StoredResponse(*row)
         return out
 
-    def _convert(self, db: sqlite3.Connection, event, rows: _Rows, out: StoreOutcome,
-                 needed: Sequence[str] | None = None) -> tuple[str, str]:
+    def _convert(self, db: sqlite3.Connection, event: feedback_pb2.FeedbackEvent, event_id: str, kind: str,
+                 needed: Sequence[str], rows: _Rows) -> tuple[str, str]:
         """An event whose responses are all stored: its derived rows; (state, dead-letter reason)."""
-        needed = convert.needed_responses(event) if needed is None else needed
         unknown = [r for r in needed if rows.response(r) is None]
-        if unknown:  # stored by earlier transactions (an event that waited for its last response)
+        if unknown:  # stored by earlier transactions and not looked up yet
             rows.known.update(self._responses(db, unknown))
-        responses = {r: rows.response(r) for r in needed}
-        earlier: list[RatingValue] = []
-        if event.WhichOneof("kind") == "rating" and needed:
-            key = responses[needed[0]].prompt.key
-            earlier = [RatingValue(*row) for row in db.execute(
-                "SELECT event_id, response_id, prompt_key, value, text FROM ratings WHERE prompt_key=?", (key,))]
-            earlier += [r for r in rows.ratings if r.prompt_key == key]
+        stored = [rows.response(r) for r in needed]
         try:
+            if kind in ("pairwise", "ranking"):  # the usual kinds: rows straight from the stored responses
+                texts, margin = convert.preference(event, kind, needed, stored)
+                if len(set(texts)) == len(texts):  # two responses with the same text teach nothing
+                    sources = (event_id,)
+                    rows.comparisons.append((stored[0].prompt, stored[0].messages_json, _json_strs(texts), margin,
+                                             _json_strs(sources), int(convert.heldout(sources, self.heldout_share))))
+                return USED, ""
+            responses = {r: s.response(r) for r, s in zip(needed, stored)}
+            earlier: list[RatingValue] = []
+            if kind == "rating" and needed:
+                key = stored[0].prompt_key
+                earlier = [RatingValue(*row) for row in db.execute(
+                    "SELECT event_id, response_id, prompt_key, value, text FROM ratings WHERE prompt_key=?", (key,))]
+                earlier += [r for r in rows.ratings if r.prompt_key == key]
             derived = convert.convert(event, responses, earlier, needed)
         except Unusable as e:
             return DEAD, e.reason
         except Exception as e:  # noqa: BLE001 - a bug must not stall the stream: dead-lettered with its payload
-            log.exception("converting feedback event %s failed", event.event_id)
+            log.exception("converting feedback event %s failed", event_id)
             return DEAD, f"conversion failed ({type(e).__name__}: {e}); the payload can be replayed once fixed"
         if derived.rating is not None:
             rows.ratings.append(derived.rating)
         for c in derived.comparisons:
-            if len(set(c.responses)) == len(c.responses):  # two responses with the same text teach nothing
+            if len(set(c.responses)) == len(c.responses):
                 rows.comparisons.append((c.prompt.text, _messages_json(c.prompt), json.dumps(c.responses), c.margin,
                                          json.dumps(c.sources), int(convert.heldout(c.sources, self.heldout_share))))
         for d in derived.demonstrations:
@@ -406,26 +459,43 @@ class Dataset:
 
     def _resolve_waiting(self, db: sqlite3.Connection, arrived: Sequence[str], rows: _Rows,
                          out: StoreOutcome) -> None:
-        """Feedback that waited for responses that have now arrived is converted, once nothing it needs is missing."""
+        """Feedback that waited for responses that have now arrived is converted, once nothing it needs is missing
+        (a few queries per batch, not per event: ``waiting`` is indexed both ways)."""
         events: list[str] = []
         for chunk in _chunks(arrived):
             marks = ",".join("?" * len(chunk))
-            events += [e for (e,) in db.execute(f"SELECT DISTINCT event_id FROM waiting WHERE response_id IN ({marks})",
-                                                chunk)]
+            events += [e for (e,) in db.execute(f"SELECT event_id FROM waiting WHERE response_id IN ({marks})", chunk)]
             db.execute(f"DELETE FROM waiting WHERE response_id IN ({marks})", chunk)
-        for event_id in dict.fromkeys(events):
-            if db.execute("SELECT 1 FROM waiting WHERE event_id=? LIMIT 1", (event_id,)).fetchone():
-                continue  # still waits for another response
-            row = db.execute("SELECT payload, topic, partition, \"offset\" FROM feedback WHERE event_id=? AND state=?",
-                             (event_id, PENDING)).fetchone()
-            if row is None:
+        if not events:
+            return
+        events = list(dict.fromkeys(events))
+        still = set(_existing(db, "waiting", "event_id", events))  # still waits for another response
+        ready: dict[str, tuple] = {e: () for e in events if e not in still}
+        for chunk in _chunks(list(ready)):
+            marks = ",".join("?" * len(chunk))
+            for event_id, *row in db.execute(f"SELECT event_id, payload, topic, partition, \"offset\" FROM feedback "
+                                             f"WHERE state='{PENDING}' AND event_id IN ({marks})", chunk):
+                ready[event_id] = tuple(row)
+        todo: list[tuple[str, tuple, feedback_pb2.FeedbackEvent, str, tuple[str, ...]]] = []
+        for event_id, row in ready.items():
+            if not row:  # not pending (any more)
                 continue
-            payload, topic, partition, offset = row
-            event = events_pb2.FeedbackRecord.FromString(payload).event
-            state, reason = self._convert(db, event, rows, out)
-            db.execute("UPDATE feedback SET state=?, reason=? WHERE event_id=?", (state, reason, event_id))
+            event = events_pb2.FeedbackRecord.FromString(row[0]).event
+            try:
+                kind, needed = convert.kind_of(event), convert.needed_responses(event)
+            except Unusable as e:
+                rows.updates.append((DEAD, e.reason, event_id))
+                rows.outbox_letter(event_id, *row, e.reason, out)
+                continue
+            todo.append((event_id, row, event, kind, needed))
+        wanted = {r for *_, needed in todo for r in needed if rows.response(r) is None}
+        if wanted:
+            rows.known.update(self._responses(db, list(wanted)))
+        for event_id, row, event, kind, needed in todo:
+            state, reason = self._convert(db, event, event_id, kind, needed, rows)
+            rows.updates.append((state, reason, event_id))
             if state == DEAD:
-                rows.outbox_letter(event_id, payload, topic, partition, offset, reason, out)
+                rows.outbox_letter(event_id, *row, reason, out)
 
     def _kill(self, db: sqlite3.Connection, event_id: str, payload: bytes, topic: str, partition: int, offset: int,
               reason: str, out: StoreOutcome) -> None:
@@ -548,3 +618,126 @@ class Dataset:
     def set_state(self, key: str, value: str) -> None:
         with self._tx() as db:
             db.execute("INSERT INTO state VALUES(?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+
+# ---------------------------------------------------------------------------------------------- a store process
+
+
+class Record(NamedTuple):
+    """A consumed record as :meth:`Dataset.store` reads it (what a :class:`StoreProcess` is sent)."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+
+
+class StoreFailed(Exception):
+    """The store process failed a batch, or exited; the batch is not stored (its offsets are not either)."""
+
+
+class StoreProcess:
+    """:meth:`Dataset.store` in a process of its own, so that parsing, converting and SQLite's writes run beside
+    the consumer's Kafka reads instead of after them (one Python thread cannot do both at once: both hold the GIL).
+
+    One batch at a time: :meth:`submit` sends it, :meth:`result` waits for its :class:`StoreOutcome` (the process
+    has committed the transaction then) and advances ``dataset``'s offsets. The process is ``python -m
+    rlhf.trainer.dataset --serve`` on the same file (SQLite serialises it with this process's writers); it exits
+    when its stdin closes: on :meth:`close`, or when this process dies however it dies (a batch it had begun is
+    committed whole or not at all, with its offsets)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        import rlhf
+
+        self.dataset = dataset
+        root = str(Path(rlhf.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "rlhf.trainer.dataset", "--serve", dataset.path, repr(dataset.heldout_share),
+             repr(dataset.join_timeout_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.in_flight = False
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def submit(self, messages: Sequence[Message], now: float | None = None) -> None:
+        if self.in_flight:
+            raise RuntimeError("StoreProcess.submit: the previous batch's result was not read")
+        records = [(m.topic, m.partition, m.offset, m.value) for m in messages]
+        try:
+            pickle.dump((records, now), self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as e:
+            raise StoreFailed(f"the store process exited (code {self._proc.poll()}): {e}") from e
+        self.in_flight = True
+
+    def ready(self) -> bool:
+        """Whether the batch in flight has its result (or the process exited): :meth:`result` would not wait."""
+        return bool(select.select([self._proc.stdout], [], [], 0)[0])
+
+    def result(self) -> StoreOutcome:
+        if not self.in_flight:
+            raise RuntimeError("StoreProcess.result: no batch in flight")
+        self.in_flight = False
+        try:
+            ok, value = pickle.load(self._proc.stdout)
+        except (EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+            raise StoreFailed(f"the store process exited (code {self._proc.poll()})") from e
+        if not ok:
+            raise StoreFailed(value)
+        self.dataset.advance(value.offsets)
+        return value
+
+    def store(self, messages: Sequence[Message], now: float | None = None) -> StoreOutcome:
+        self.submit(messages, now)
+        return self.result()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Wait for the batch in flight (if any; its result is dropped) and end the process."""
+        with contextlib.suppress(OSError, ValueError):
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        with contextlib.suppress(OSError, ValueError):
+            self._proc.stdout.close()
+        self.in_flight = False
+
+
+def _serve(path: str, heldout_share: float, join_timeout_s: float) -> int:
+    """The store process: batches from stdin, their outcomes to stdout, until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the trainer, which closes our stdin
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # stdout carries only replies
+    dataset = Dataset(path, heldout_share=heldout_share, join_timeout_s=join_timeout_s)
+    make = Record._make
+    try:
+        while True:
+            try:
+                records, now = pickle.load(requests)
+            except EOFError:
+                return 0
+            try:
+                reply = (True, dataset.store(list(map(make, records)), now))
+            except Exception as e:  # noqa: BLE001 - reported to the trainer, which retries the batch
+                log.exception("storing a batch failed")
+                reply = (False, f"{type(e).__name__}: {e}")
+            try:
+                pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
+                replies.flush()
+            except BrokenPipeError:  # the trainer is gone; what was stored stays stored
+                return 0
+    finally:
+        dataset.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
+        logging.basicConfig(level=logging.WARNING)
+        from rlhf.trainer import dataset as _module  # its classes, not __main__'s, in what is pickled
+
+        raise SystemExit(_module._serve(sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
+    raise SystemExit("usage: python -m rlhf.trainer.dataset --serve PATH HELDOUT_SHARE JOIN_TIMEOUT_S")

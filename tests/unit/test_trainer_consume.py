@@ -1,0 +1,152 @@
+"""The trainer's consumption path: the batched durable join, offsets read inside the storing transaction, the store
+process, and the pipelined consumer (one batch stored while the next is polled) over the in-memory bus."""
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from rlhf.bus import InMemoryBus, topics
+from rlhf.bus.base import Message
+from rlhf.trainer.consume import FeedbackConsumer
+from rlhf.trainer.dataset import Dataset, StoreFailed, StoreProcess
+from support.trainer_records import (
+    demonstration, feedback_message, feedback_record, pairwise, ranking, response_message, served, thumb,
+)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    ds = Dataset(str(tmp_path / "dataset.sqlite"), heldout_share=0.2, join_timeout_s=60)
+    yield ds
+    ds.close()
+
+
+def test_many_events_waiting_for_responses_join_in_one_batch(dataset):
+    """Rankings stored before their responses wait; one batch of responses converts every event whose responses
+    are now all stored, and only those (the batched join: a few queries per batch)."""
+    n = 300
+    dataset.store([feedback_message(ranking(f"w{i}", f"a{i}", f"b{i}")) for i in range(n)])
+    assert dataset.sizes()["feedback_pending"] == n
+    # every a, and the b of the even events only
+    dataset.store([response_message(served(f"a{i}", f"q{i}", f"first {i}")) for i in range(n)]
+                  + [response_message(served(f"b{i}", f"q{i}", f"second {i}")) for i in range(0, n, 2)])
+    states = dict(dataset.feedback_events())
+    assert sorted(e for e, s in states.items() if s == "used") == sorted(f"w{i}" for i in range(0, n, 2))
+    got = {c.comparison.sources: c.comparison.responses for c in dataset.comparisons()}
+    assert got[("w4",)] == ("first 4", "second 4") and len(got) == n // 2
+    with sqlite3.connect(dataset.path) as db:  # the odd ones wait for their b only
+        waiting = db.execute("SELECT response_id, event_id FROM waiting ORDER BY event_id").fetchall()
+    assert sorted(waiting) == sorted((f"b{i}", f"w{i}") for i in range(1, n, 2))
+    dataset.store([response_message(served(f"b{i}", f"q{i}", f"second {i}")) for i in range(1, n, 2)])
+    assert set(dict(dataset.feedback_events()).values()) == {"used"} and dataset.count_comparisons() == n
+
+
+def test_a_waiting_event_that_became_unusable_is_dead_lettered_when_its_responses_arrive(dataset):
+    dataset.store([feedback_message(pairwise("cross", "x1", "x2")), feedback_message(thumb("t", "x1", True))])
+    out = dataset.store([response_message(served("x1", "cook rice", "a")),
+                         response_message(served("x2", "plan a picnic", "b"))])
+    assert out.dead == {"different_prompts": 1}
+    assert dict(dataset.feedback_events()) == {"cross": "dead", "t": "used"}
+    assert "different prompts" in dataset.dead_reason("cross")
+
+
+def test_a_second_writer_with_stale_offsets_stores_nothing_twice(dataset):
+    """The offsets that skip redelivered records are read inside the storing transaction, so another instance on
+    the same file (a store process, a trainer restarted while the old one's last batch was committing) whose cache
+    is older still stores a record once."""
+    other = Dataset(dataset.path)  # opened before anything was stored
+    batch = [response_message(served("r1", "q", "x")), response_message(served("r2", "q", "y")),
+             feedback_message(ranking("e1", "r1", "r2")), feedback_message(demonstration("d1", "p", "ideal"))]
+    first = dataset.store(batch)
+    assert sum(first.stored.values()) == 4 and first.offsets == dataset.stored_offsets()
+    again = other.store(batch)
+    assert again.duplicates == {"redelivered": 4} and not again.stored
+    assert dataset.count_comparisons() == 1 and len(dataset.demonstrations()) == 1
+    other.close()
+
+
+def test_the_store_process_stores_in_one_transaction_and_advances_the_offsets(dataset):
+    store = StoreProcess(dataset)
+    try:
+        batch = [response_message(served("p1", "q", "x")), response_message(served("p2", "q", "y")),
+                 feedback_message(ranking("pe", "p1", "p2")), feedback_message(ranking("pw", "p1", "p3"))]
+        out = store.store(batch)
+        assert out.stored == {"response": 2, "ranking": 2} and out.comparisons == 1
+        assert dataset.stored_offsets() == {(topics.RESPONSES, batch[1].partition): batch[1].offset + 1,
+                                            (topics.FEEDBACK, batch[3].partition): batch[3].offset + 1}
+        assert dict(dataset.feedback_events()) == {"pe": "used", "pw": "pending"}  # written by the other process
+        store.submit(batch)  # delivered again: skipped by its offsets
+        deadline = time.monotonic() + 30
+        while not store.ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.ready() and store.result().duplicates == {"redelivered": 4}
+        bad = Message(topics.FEEDBACK, 0, 10**9, None, b"\xff\xff not a record")
+        assert store.store([bad]).dead == {"unparsable": 1}
+    finally:
+        store.close()
+    assert not store.alive
+
+
+def test_a_store_process_that_died_fails_its_batch_and_stores_nothing(dataset):
+    store = StoreProcess(dataset)
+    store._proc.kill()
+    store._proc.wait(30)
+    with pytest.raises(StoreFailed):
+        store.store([response_message(served("k1", "q", "x"))])
+    store.close()
+    assert dataset.sizes()["responses"] == 0 and dataset.stored_offsets() == {}
+
+
+def _produce(bus, responses=(), events=()):
+    for r in responses:
+        bus.send(topics.RESPONSES, r.SerializeToString(), r.response_id.encode()).result(5)
+    for e in events:
+        bus.send(topics.FEEDBACK, feedback_record(e).SerializeToString(), e.event_id.encode()).result(5)
+
+
+def _wait(predicate, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("store_process", [False, True], ids=["thread", "process"])
+def test_the_pipelined_consumer_stores_every_record_once_and_commits_after_storing(tmp_path, store_process):
+    bus = InMemoryBus()
+    bus.ensure_topics(topics.platform_topics(partitions=2))
+    ds = Dataset(str(tmp_path / "dataset.sqlite"))
+    stored = []
+    consumer = FeedbackConsumer(bus, ds, group="g", max_records=7, poll_timeout_s=0.05, housekeeping_s=0.1,
+                                store_process=store_process, on_stored=stored.append)
+    rankings = [ranking(f"k{i}", f"r{2 * i}", f"r{2 * i + 1}") for i in range(20)]
+    demos = [demonstration(f"d{i}", f"p{i}", f"ideal {i}") for i in range(30)]
+    _produce(bus, events=rankings[:10])  # these wait for their responses
+    consumer.start()
+    try:
+        _produce(bus, [served(f"r{i}", f"q{i // 2}", f"answer {i}") for i in range(40)], rankings[10:] + demos)
+        _wait(lambda: ds.sizes().get("feedback_used") == 50, "every event used")
+        _wait(lambda: sum(consumer.consumed.values()) == 90, "every record counted")
+        assert not consumer.last_error
+        # stop: the batch in flight is finished and committed, the store process ends
+        consumer.stop()
+        assert consumer._store is None
+        assert ds.count_comparisons() == 20 and len(ds.demonstrations()) == 30
+        assert sum(o.comparisons for o in stored) == 20 and len(stored) >= 90 // 7
+        assert bus._groups["g"].committed == ds.stored_offsets()  # advisory, and never ahead of the dataset
+        # a restart reads nothing again: the dataset's offsets win, and every record is stored once
+        again = FeedbackConsumer(bus, ds, group="g2", poll_timeout_s=0.05, store_process=store_process)
+        again.start()
+        _produce(bus, events=[demonstration("late", "p", "after the restart")])
+        _wait(lambda: dict(ds.feedback_events()).get("late") == "used", "the new event")
+        again.stop()
+        assert sum(again.consumed.values()) == 1
+        assert len(dict(ds.feedback_events())) == 51 and ds.sizes()["responses"] == 40
+    finally:
+        consumer.stop()
+        ds.close()
+        bus.close()
