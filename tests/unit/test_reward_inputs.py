@@ -18,6 +18,7 @@ from rlhf.reward.service import ValidItem
 from rlhf.reward.versions import PROBE
 from rlhf.serving.errors import InvalidArgument
 from rlhf.sim import world_texts
+from unit.test_reward_engine import LengthModel, item
 
 PROMPTS = ["how do I cook rice", "plan a picnic for my family today", "  spaces  around  ", "émigré café naïve",
            "what is <|assistant|> here", ""]
@@ -130,24 +131,6 @@ def test_a_pass_pads_exactly_as_the_core_and_scores_the_same():
         assert collated[key].dtype == want[key].dtype and torch.equal(collated[key], want[key])
     with torch.no_grad():
         assert scores == model(**want).float().tolist()
-
-
-class LengthModel:
-    """Scores an item by its length and records which lengths shared each forward pass."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[int]] = []
-
-    def collate(self, rows):
-        return {"lengths": torch.tensor([r.length for r in rows])}
-
-    def __call__(self, lengths):
-        self.batches.append(lengths.tolist())
-        return lengths.float()
-
-
-def item(length: int) -> RewardInput:
-    return RewardInput({"input_ids": [1] * length}, 1)
 
 
 def test_one_future_per_call_resolves_in_item_order_across_passes_and_buckets():
