@@ -240,7 +240,7 @@ def test_simulated_feedback_becomes_a_reward_model_and_ppo_versions_that_are_ser
     out = tmp_path / "sim"
     with processes(commands, tmp_path) as procs:
         # (the reward service has no model until part 1 publishes one: it answers NOT_SERVING until then)
-        trainer = wait_until_joined(channels, procs)
+        wait_until_joined(channels, procs)
         targets = ["--target", f"127.0.0.1:{ports['policy']}", "--feedback-target", f"127.0.0.1:{ports['feedback']}",
                    "--reward-target", f"127.0.0.1:{ports['reward']}", "--trainer-target", f"127.0.0.1:{ports['trainer']}"]
         sim = subprocess.run([sys.executable, "-m", "rlhf", "simulate", *targets, "--minutes", "4", "--window-s", "20",

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from rlhf.core.models import ModelSize, RewardInput, build_causal_lm, build_reward_model
+from rlhf.core.models import ModelSize, build_causal_lm, build_reward_model
 from rlhf.core.tokenizer import TokenizerConfig, format_chat, format_prompt, train_tokenizer
 from rlhf.reward.engine import EngineStopped, Expired, ScoringEngine
 from rlhf.reward.inputs import InputBuilder
