@@ -132,3 +132,20 @@ def test_keep_versions_zero_keeps_every_folder(setup, tmp_path):
         save(dataset, f"v{i}")
     controller.tick()
     assert controller.prune(str(tmp_path)) == []
+
+
+def test_prune_reads_the_versions_again_only_after_a_status_changed(setup, tmp_path):
+    dataset, controller, _ = setup
+    reads = []
+    versions = dataset.versions
+    dataset.versions = lambda *a, **k: reads.append(k) or versions(*a, **k)
+    controller.prune(str(tmp_path))
+    assert len(reads) == 1
+    controller.prune(str(tmp_path))
+    controller.prune(str(tmp_path))
+    assert len(reads) == 1  # nothing changed: nothing read
+    save(dataset, "v1")
+    controller.tick()  # v1 becomes the canary: a status changed
+    reads.clear()
+    controller.prune(str(tmp_path))
+    assert len(reads) == 1

@@ -75,6 +75,8 @@ class CanaryController:
         self.decisions: list[Decision] = []
         self.on_served: Callable[[dict, float], None] | None = None
         """Called with a version's record when it first gets traffic (freshness metrics)."""
+        self._statuses_changed = True
+        """Whether a version's status changed since the last prune (only then can one more be pruned)."""
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -96,6 +98,7 @@ class CanaryController:
         rest = {k: v for k, v in record.items() if k not in ("version", "kind", "status", "created_at")}
         rest.update(extra)
         self.dataset.put_version(record["version"], "policy", status, rest)
+        self._statuses_changed = True
 
     def _event(self, record: dict, action: int, percent: int = 0, previous: str = "") -> None:
         event = events_pb2.ModelEvent(version=policy_version_proto(record, self.s.model_name), action=action,
@@ -163,8 +166,9 @@ class CanaryController:
         stable versions (rollback targets, newest first) and the rest (superseded before serving, rolled back).
         Stable, the canary and saved versions are never touched; a pruned version keeps its record (``pruned``), and
         rollback skips it. Returns the versions pruned."""
-        if self.s.keep_versions <= 0:
-            return []
+        if self.s.keep_versions <= 0 or not self._statuses_changed:
+            return []  # (nothing became inactive since the last prune: no need to read every record again)
+        self._statuses_changed = False
         inactive = [v for v in self.dataset.versions(kind="policy", limit=100_000)
                     if v["status"] in (SUPERSEDED, ROLLED_BACK) and not v.get("pruned")]
         earlier_stable = [v for v in inactive if v.get("was_stable") and v["status"] == SUPERSEDED]
@@ -178,6 +182,7 @@ class CanaryController:
                 shutil.rmtree(path, ignore_errors=True)
             self._set_status(record, record["status"], pruned=True)
             pruned.append(record["version"])
+        self._statuses_changed = False  # (marking them pruned is no change that frees another)
         if pruned:
             log.info("pruned %d inactive policy version folder(s), oldest %s", len(pruned), pruned[-1])
         return pruned
