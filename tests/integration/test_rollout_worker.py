@@ -31,8 +31,8 @@ def start_worker(url: str, reward: str, root, prompts, name: str) -> subprocess.
         [sys.executable, "-m", "rlhf", "rollout-worker", "--buffer-url", url, "--reward-url", f"grpc://{reward}",
          "--bus-url", "memory://", "--cache-url", "memory://", "--prompts-path", str(prompts),
          "--artifact-root", str(root), "--ppo-batch-size", "4", "--ppo-mini-batches", "2",
-         "--ppo-response-length", "6", "--max-staleness", "4", "--metrics-port", "-1", "--worker-name", name,
-         "--torch-num-threads", "1"],
+         "--ppo-response-length", "6", "--max-staleness", "4", "--publish-every", "1", "--metrics-port", "-1",
+         "--worker-name", name, "--torch-num-threads", "1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

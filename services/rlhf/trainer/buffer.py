@@ -11,8 +11,13 @@ The contract every implementation keeps:
   A running learner holds entries it used until its next checkpoint, so the two are apart. An entry stays in the
   buffer until ``ack``.
 - ``ack`` removes entries for good; ``depth`` counts what was added and not acknowledged (delivered or not).
-- ``publish_progress`` / ``progress`` carry the learner's position (its step and the policy version workers should
-  generate with) from the learner to every worker: the "Redis notification" of a new version, read before each batch.
+- ``publish_progress`` / ``progress`` carry the learner's position (its step, the policy version workers should
+  generate with, the entries it holds for its next checkpoint) from the learner to every worker: the "Redis
+  notification" of a new version, read before each batch. ``ack`` can replace the progress in the same atomic
+  operation, and ``progress_and_depth`` reads both at one instant, so a worker never sees entries gone from the
+  depth without the progress that accounts for them.
+- ``wait_progress`` wakes a waiting worker as soon as the learner publishes (instead of a fixed poll), so a worker
+  held back by the staleness bound starts its next batch the moment the learner's step allows it.
 
 Synchronous on purpose: workers and the learner are torch loops on their own threads or processes. A buffer that
 cannot be reached raises :class:`BufferUnavailable`; callers wait and retry, they never drop an acknowledged batch.
@@ -68,6 +73,10 @@ class LearnerProgress:
     """The run's state as the learner sees it ("running", "paused", ...): workers idle unless "running"."""
     saved_at: float = 0.0
     """Unix time the version was saved (workers measure the weight-sync delay from it)."""
+    held: int = 0
+    """Entries the learner has read and finished with (used, dropped, skipped) but holds unacknowledged until the
+    checkpoint that covers them: part of ``depth``, yet no longer ahead of the learner. A worker's admission counts
+    ``depth - held`` batches still to come before its own."""
 
 
 class RolloutBuffer(abc.ABC):
@@ -81,8 +90,9 @@ class RolloutBuffer(abc.ABC):
         came. ``pending``: instead, the entries handed to ``consumer`` before and not acknowledged (no waiting)."""
 
     @abc.abstractmethod
-    def ack(self, entry_ids: Sequence[str]) -> int:
-        """Acknowledge and remove entries; how many were still there."""
+    def ack(self, entry_ids: Sequence[str], progress: LearnerProgress | None = None) -> int:
+        """Acknowledge and remove entries; how many were still there. ``progress``: also replace the published
+        progress, atomically with the removal (what the learner does after a checkpoint)."""
 
     @abc.abstractmethod
     def depth(self) -> int:
@@ -95,6 +105,21 @@ class RolloutBuffer(abc.ABC):
     @abc.abstractmethod
     def progress(self) -> LearnerProgress:
         """The learner's last published progress (all defaults before the first)."""
+
+    def progress_and_depth(self) -> tuple[LearnerProgress, int]:
+        """``progress()`` and ``depth()`` read at one instant (implementations make it atomic)."""
+        return self.progress(), self.depth()
+
+    def wait_progress(self, seen: LearnerProgress, timeout_s: float) -> LearnerProgress:
+        """Wait up to ``timeout_s`` until the published progress differs from ``seen``; the progress then. This
+        default polls; implementations wake on the publication itself."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            current = self.progress()
+            left = deadline - time.monotonic()
+            if current != seen or left <= 0:
+                return current
+            time.sleep(min(0.02, left))
 
     @abc.abstractmethod
     def ping(self) -> None:
@@ -151,13 +176,15 @@ class InMemoryRolloutBuffer(RolloutBuffer):
                     return []
                 self._cond.wait(left)
 
-    def ack(self, entry_ids: Sequence[str]) -> int:
+    def ack(self, entry_ids: Sequence[str], progress: LearnerProgress | None = None) -> int:
         with self._cond:
             n = 0
             for entry_id in entry_ids:
                 if self._entries.pop(entry_id, None) is not None:
                     n += 1
                 self._delivered.pop(entry_id, None)
+            if progress is not None:
+                self._progress = progress
             self._cond.notify_all()
             return n
 
@@ -172,6 +199,15 @@ class InMemoryRolloutBuffer(RolloutBuffer):
 
     def progress(self) -> LearnerProgress:
         with self._cond:
+            return self._progress
+
+    def progress_and_depth(self) -> tuple[LearnerProgress, int]:
+        with self._cond:
+            return self._progress, len(self._entries)
+
+    def wait_progress(self, seen: LearnerProgress, timeout_s: float) -> LearnerProgress:
+        with self._cond:
+            self._cond.wait_for(lambda: self._progress != seen, max(0.0, timeout_s))
             return self._progress
 
     def ping(self) -> None:

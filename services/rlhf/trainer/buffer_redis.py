@@ -7,13 +7,17 @@ Keys (under the URL's ``key_prefix``, default ``rlhf:``), all of one buffer on o
 - ``<prefix><stream>:progress``: the learner's progress (JSON), also PUBLISHed on a channel of that name.
 
 ``add`` is one Lua script (SET NX of the idempotency key, XADD only if it was set), so a batch is stored once however
-often a worker retries. ``ack`` is XACK + XDEL in one MULTI, so XLEN counts what was added and not acknowledged.
+often a worker retries. ``ack`` is XACK + XDEL in one MULTI (with the progress's SET + PUBLISH when it replaces the
+progress too), so XLEN counts what was added and not acknowledged. ``progress_and_depth`` is GET + XLEN in one MULTI.
+``wait_progress`` listens on the progress channel (one subscription per waiting thread).
 Synchronous redis-py (hiredis parser when installed): workers and the learner are torch loops on their own threads.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+import time
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
@@ -66,6 +70,9 @@ class RedisRolloutBuffer(RolloutBuffer):
             socket_connect_timeout=config.connect_timeout_s, max_connections=4)
         self._add = self._client.register_script(_ADD)
         self._group_ready = False
+        self._listeners = threading.local()  # a pubsub on the progress channel per thread that waits
+        self._opened: list[Any] = []  # every such pubsub, closed by close()
+        self._opened_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, *, stream: str = "rollouts") -> RedisRolloutBuffer:
@@ -162,36 +169,95 @@ class RedisRolloutBuffer(RolloutBuffer):
         return {(r["message_id"].decode() if isinstance(r["message_id"], bytes) else r["message_id"]):
                 int(r["times_delivered"]) for r in rows}
 
-    def ack(self, entry_ids: Sequence[str]) -> int:
+    def ack(self, entry_ids: Sequence[str], progress: LearnerProgress | None = None) -> int:
         if not entry_ids:
+            if progress is not None:
+                self.publish_progress(progress)
             return 0
         pipe = self._client.pipeline(transaction=True)
         pipe.xack(self.key, GROUP, *entry_ids)
         pipe.xdel(self.key, *entry_ids)
-        _, deleted = self._call("acknowledging rollout batches", pipe.execute)
-        return int(deleted)
+        if progress is not None:
+            self._queue_progress(pipe, progress)
+        replies = self._call("acknowledging rollout batches", pipe.execute)
+        return int(replies[1])
 
     def depth(self) -> int:
         return int(self._call("reading the buffer depth", self._client.xlen, self.key))
 
-    def publish_progress(self, progress: LearnerProgress) -> None:
+    def _queue_progress(self, pipe: Any, progress: LearnerProgress) -> None:
         value = json.dumps(dataclasses.asdict(progress))
-        pipe = self._client.pipeline(transaction=True)
         pipe.set(f"{self.key}:progress", value)
         pipe.publish(f"{self.key}:progress", value)
+
+    def publish_progress(self, progress: LearnerProgress) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        self._queue_progress(pipe, progress)
         self._call("publishing the learner's progress", pipe.execute)
 
-    def progress(self) -> LearnerProgress:
-        raw = self._call("reading the learner's progress", self._client.get, f"{self.key}:progress")
+    @staticmethod
+    def _parse_progress(raw: Any) -> LearnerProgress:
         if not raw:
             return LearnerProgress()
         data = json.loads(raw)
         known = {f.name for f in dataclasses.fields(LearnerProgress)}
         return LearnerProgress(**{k: v for k, v in data.items() if k in known})
 
+    def progress(self) -> LearnerProgress:
+        return self._parse_progress(
+            self._call("reading the learner's progress", self._client.get, f"{self.key}:progress"))
+
+    def progress_and_depth(self) -> tuple[LearnerProgress, int]:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.get(f"{self.key}:progress")
+        pipe.xlen(self.key)
+        raw, depth = self._call("reading the learner's progress and the buffer depth", pipe.execute)
+        return self._parse_progress(raw), int(depth)
+
+    def wait_progress(self, seen: LearnerProgress, timeout_s: float) -> LearnerProgress:
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        try:
+            listener = getattr(self._listeners, "pubsub", None)
+            if listener is None:
+                listener = self._client.pubsub(ignore_subscribe_messages=True)
+                self._listeners.pubsub = listener
+                with self._opened_lock:
+                    self._opened.append(listener)
+                listener.subscribe(f"{self.key}:progress")
+            while listener.get_message(timeout=0.0) is not None:  # publications since this thread last waited
+                pass
+            current = self.progress()  # after subscribing: a publication from here on wakes the wait below
+            while current == seen and (left := deadline - time.monotonic()) > 0:
+                if listener.get_message(timeout=left) is not None:
+                    current = self.progress()
+            return current
+        except (*_UNAVAILABLE, rexc.RedisError, BufferError) as e:
+            self._drop_listener()
+            if isinstance(e, BufferError):
+                raise
+            raise BufferUnavailable(f"waiting for the learner's progress on Redis at {self._where}: {e}") from None
+
+    def _drop_listener(self, listener: Any = None) -> None:
+        if listener is None:
+            listener = getattr(self._listeners, "pubsub", None)
+            self._listeners.pubsub = None
+        if listener is None:
+            return
+        with self._opened_lock:
+            if listener in self._opened:
+                self._opened.remove(listener)
+        try:
+            listener.close()
+        except Exception:  # noqa: BLE001 - a broken connection is what is being dropped
+            pass
+
     def ping(self) -> None:
         self._call("ping", self._client.ping)
 
     def close(self) -> None:
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for listener in opened:
+            self._drop_listener(listener)
         self._client.close()
         self._blocking.close()

@@ -89,12 +89,23 @@ class TrainerConfig(ServiceConfig):
     )
     local_workers: int = field(1, "Rollout workers on threads of this process; 0 when every worker is its own "
                                   "process (rlhf rollout-worker).")
-    max_staleness: int = field(1, "A rollout batch more than this many policy versions older than the learner's is "
-                                  "dropped (and counted); 0 with publish_every 1 is synchronous PPO.")
-    importance_clip: float = field(2.0, "Cap of the truncated importance weight of a stale batch "
-                                        "(PPOConfig.importance_clip).")
-    publish_every: int = field(1, "Learner updates per saved policy version (what workers load next).")
-    checkpoint_every: int = field(1, "Learner updates per checkpoint; batches are acknowledged at checkpoints.")
+    max_staleness: int = field(
+        1, "A rollout batch more than this many policy versions older than the learner's is dropped (and counted); "
+           "workers generate only batches within it, so with 1 they sample the next version's batches while the "
+           "learner updates (up to 2 * publish_every - 1 updates behind the learner, corrected by truncated "
+           "importance sampling). 0 with publish_every 1 is synchronous PPO.")
+    importance_clip: float = field(2.0, "Cap of the truncated importance weight of a batch sampled by other weights "
+                                        "than the learner's (PPOConfig.importance_clip).")
+    publish_every: int = field(
+        4, "Learner updates per saved policy version (what workers load next, and a candidate for the canary). 4: "
+           "a version a step is far more than serving can judge (a canary needs promote_after served responses "
+           "before its decision; a newer version replaces an undecided one), and saving one costs about as much "
+           "as a small model's update; workers lag at most max_staleness versions either way. 1 (with "
+           "max_staleness 0) is synchronous PPO.")
+    checkpoint_every: int = field(
+        4, "Learner updates per checkpoint (also written with every version); batches are acknowledged only after "
+           "the checkpoint that covers them, so a learner killed in between redoes at most this many updates from "
+           "the batches still in the buffer and loses none. 4: with publish_every 4 one checkpoint per version.")
     prompts_path: str = field(
         "", "A JSONL file of RL prompts ({\"prompt\": ...} per line) added to the workers' pool besides rlhf.prompts.v1.")
     served_share: float = field(0.5, "Share of each rollout batch taken from served traffic's prompts, when there "

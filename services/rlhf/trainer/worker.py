@@ -6,13 +6,18 @@ Before each batch (numbered as in ``step``):
 
 1. it reads the learner's published progress (the run, its state, the version to hold) and loads a newer version
    from the artifact root when there is one;
-2. admission: the batch will reach the learner after the ``depth`` batches already waiting; it is generated only if
-   its staleness then (the learner's version index then minus the held one) is at most ``max_staleness``, so a
-   worker never spends compute on a batch the learner would drop; with ``max_staleness`` 0 and ``publish_every`` 1
-   this is synchronous PPO;
+2. admission: the batch will reach the learner after the batches still ahead of it (the buffer's depth less the
+   ones the learner finished with and holds for its next checkpoint, read at one instant with the progress); it is
+   generated only if its staleness then (the learner's version index then minus the held one) is at most
+   ``max_staleness``, so a worker never spends compute on a batch the learner would drop, and runs ahead of the
+   learner as far as that allows (it generates while the learner updates); with ``max_staleness`` 0 and
+   ``publish_every`` 1 this is synchronous PPO;
 3. prompts from the pool and seeds from the run's seed stream (worker 0's stream is the core trainer's);
 4. generate and score (the core's ``generate_rollout``);
 5. add to the buffer, idempotently by a batch id made of the prompts and seeds.
+
+With nothing to do (the bound reached, the run paused) the worker waits for the learner's next published progress,
+up to ``idle_s``, and starts as soon as it comes.
 
 A worker killed mid-batch loses nothing acknowledged: what the buffer stored stays there, and prompts live on their
 topics (a worker rebuilds its pool from them when it starts).
@@ -63,7 +68,8 @@ class WorkerSettings:
     worker_index: int = 0
     name: str = "worker-0"
     idle_s: float = 0.2
-    """Sleep between checks while there is nothing to do (paused run, staleness bound, empty pool)."""
+    """Longest wait between checks while there is nothing to do (paused run, staleness bound, empty pool); a
+    progress the learner publishes ends the wait at once."""
 
 
 class PolicyHolder:
@@ -136,6 +142,8 @@ class RolloutWorker:
         """Seconds from the held version's save (its progress publication) to its first added batch."""
         self._version_seen_at = 0.0
         self._first_of_version = True
+        self._seen = LearnerProgress()
+        """The progress the last ``step`` acted on (``run`` waits for a newer one when it had nothing to do)."""
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -154,14 +162,18 @@ class RolloutWorker:
                 log.warning("rollout failed: %s; retrying", self.last_error)
                 stop.wait(1.0)
                 continue
-            if batch is None:
-                stop.wait(self.settings.idle_s)
+            if batch is None and not stop.is_set():
+                try:
+                    self.buffer.wait_progress(self._seen, self.settings.idle_s)
+                except BufferUnavailable:
+                    stop.wait(self.settings.idle_s)  # the next step reports it
 
     def step(self) -> RolloutBatch | None:
         """One batch, or None when there is nothing to do now."""
         s = self.settings
-        # 1. the run, and the version to hold
-        progress = self.buffer.progress()
+        # 1. the run, and the version to hold; the depth with it, for 2.
+        progress, depth = self.buffer.progress_and_depth()
+        self._seen = progress
         if progress.state != RUNNING or not progress.run_id or not progress.uri:
             return None
         if self.holder.sync(progress, s.artifact_root):
@@ -170,8 +182,8 @@ class RolloutWorker:
         if progress.run_id != self._seed_run:
             self._seeds, self._seed_run = seed_generator(s.seed + s.worker_index), progress.run_id
         # 2. admission
-        depth = self.buffer.depth()
-        learner_index_then = (progress.step + depth) // s.publish_every
+        ahead = max(0, depth - progress.held)  # batches the learner will update on before this one
+        learner_index_then = (progress.step + ahead) // s.publish_every
         if learner_index_then - self.holder.index > s.max_staleness:
             return None
         # 3. prompts and seeds
