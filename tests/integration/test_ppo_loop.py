@@ -68,8 +68,9 @@ def test_the_embedded_loop_trains_publishes_a_canary_and_decides(platform):
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
     try:
-        status = wait_for(lambda: (s := trainer.GetStatus(trainer_pb2.GetStatusRequest())).step >= 3 and s,
-                          timeout=240, what="three PPO steps", interval=0.5)
+        status = wait_for(lambda: (s := trainer.GetStatus(trainer_pb2.GetStatusRequest())).step >= 3
+                          and s.policy_version.startswith(s.run_id) and s,
+                          timeout=240, what="three PPO steps and a saved version (publish_every)", interval=0.5)
         assert status.state == trainer_pb2.RUN_STATE_RUNNING and status.stage == trainer_pb2.STAGE_PPO
         assert status.run_id and status.policy_version.startswith(status.run_id)
         for name in ("kl", "score", "rlhf_reward", "entropy", "clipfrac", "approx_kl", "policy_loss"):

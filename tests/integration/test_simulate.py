@@ -176,7 +176,7 @@ def test_ctrl_c_writes_what_was_collected(platform, tmp_path):
             if REPORT_LINE.match(line) or not line:
                 break
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

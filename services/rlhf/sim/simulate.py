@@ -1040,7 +1040,8 @@ def write_outputs(sim: Simulation, interrupted: bool,
     windows = [summarize(timeline, a, b) for a, b in window_bounds(elapsed, sim.config.window_s)]
     summary = summarize_run(timeline, windows, elapsed, interrupted)
     summary["head_to_head"] = dataclasses.asdict(head_to_head) if head_to_head is not None else None
-    summary["trainer_latency"] = trainer_latency(sim.trainer_status())
+    # (not after Ctrl-C: that exits at once with what the product collected)
+    summary["trainer_latency"] = None if interrupted else trainer_latency(sim.trainer_status())
     os.makedirs(sim.config.out, exist_ok=True)
     config = {k: v for k, v in dataclasses.asdict(sim.config).items() if k != "token"}
     with open(os.path.join(sim.config.out, "simulate.json"), "w") as f:
