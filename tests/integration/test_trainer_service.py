@@ -29,7 +29,7 @@ from support.hosting import HostThread
 from support.waiting import wait_for
 from support.kafka_read import SESSION_START_S, read_topic
 from support.trainer_records import (
-    feedback_record, pairwise, ranking, served, simulated_rankings,
+    feedback_record, pairwise, ranking, served, simulated_rankings, split_prefix,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
@@ -127,7 +127,7 @@ def stored_events(component: TrainerComponent, prefix: str) -> dict[str, str]:
 
 def test_feedback_becomes_a_gated_reward_model_that_the_reward_service_loads(tmp_path, kafka_bootstrap, base_model,
                                                                              bus, prometheus):
-    prefix = f"gate-{uuid.uuid4().hex[:6]}"
+    prefix = split_prefix("gate", 60, share=0.25, at_least=10)
     responses, events = simulated_rankings(60, k=3, seed=1, prefix=prefix)
     config = trainer_config(tmp_path, kafka_bootstrap, base_model, min_new_comparisons=60)
     reward_config = RewardConfig(
@@ -210,7 +210,7 @@ def test_feedback_becomes_a_gated_reward_model_that_the_reward_service_loads(tmp
 
 
 def test_a_rollback_republishes_the_previous_version(tmp_path, kafka_bootstrap, base_model, bus):
-    prefix = f"rollback-{uuid.uuid4().hex[:6]}"
+    prefix = split_prefix("rollback", 40, share=0.25, at_least=7)
     responses, events = simulated_rankings(40, k=3, seed=2, prefix=prefix)
     config = trainer_config(tmp_path, kafka_bootstrap, base_model, gate_tolerance=1.0, rm_epochs=1)
     with trainer(config) as (_, stub, component):

@@ -71,6 +71,23 @@ def feedback_message(e: feedback_pb2.FeedbackEvent, partition: int = 0) -> Messa
     return message(topics.FEEDBACK, feedback_record(e).SerializeToString(), partition)
 
 
+def split_prefix(stem: str, n: int, share: float, at_least: int) -> str:
+    """A fresh ``stem-xxxxxx`` prefix whose ``n`` simulated ranking events (ids ``{prefix}-e{i}``, as
+    :func:`simulated_rankings` names them) put at least ``at_least`` in the held-out split and at least ``at_least``
+    in training. The split is a hash of the event id, so a random prefix alone leaves the held-out count binomial
+    (40 events at 25%: below 5 about once in 60 runs); choosing the prefix makes a test's split certain."""
+    import uuid
+
+    from rlhf.trainer import convert
+
+    for _ in range(10_000):
+        prefix = f"{stem}-{uuid.uuid4().hex[:6]}"
+        held = sum(convert.heldout([f"{prefix}-e{i}"], share) for i in range(n))
+        if at_least <= held <= n - at_least:
+            return prefix
+    raise AssertionError(f"no prefix splits {n} events with {at_least} on each side at share {share}")
+
+
 def simulated_rankings(n: int, k: int = 3, seed: int = 0, prefix: str = "sim"):
     """``n`` (prompt, served responses, ranking event) triples of the built-in task: K answers of mixed skill to a
     prompt, ranked by a simulated annotator. Returns (served records, feedback events)."""
