@@ -22,6 +22,19 @@ from rlhf.serving.server import Component, ServiceHost
 log = logging.getLogger(__name__)
 
 
+EMBEDDED_TRAINER_DEFAULTS: typing.Mapping[str, typing.Any] = {
+    # The loop runs by default.
+    "auto_start": True,
+    # One product's traffic on one machine is a few responses a second: a 10% canary that must serve 50 responses
+    # before its decision (the production defaults) is judged every ~500 responses, and served stable fell ~200
+    # updates behind the learner in a 13-minute `rlhf simulate` run. Half the routing keys and 25 responses make
+    # a decision every ~50 responses. Set RLHF_TRAINER_CANARY_PERCENT / _PROMOTE_AFTER to change them.
+    "canary_percent": 50,
+    "promote_after": 25,
+}
+"""TrainerConfig defaults of ``rlhf up`` where neither a flag nor the environment sets the field."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbeddedConfig(ServerConfig):
     env_prefix: typing.ClassVar[str] = "RLHF_EMBEDDED_"
@@ -99,7 +112,7 @@ def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryB
     # which the embedded reward service loads; the first one starts from the demo's SFT policy, else the served one.
     trainer_config = config_mod.load(
         TrainerConfig, **shared, bus_url="memory://", cache_url="memory://", create_topics=True,
-        artifact_root=config.artifact_root,
+        artifact_root=config.artifact_root, defaults=EMBEDDED_TRAINER_DEFAULTS,
     )
     if trainer_config.dataset_path == TrainerConfig.dataset_path:  # not set: beside the embedded artifacts
         trainer_config = dataclasses.replace(
@@ -112,7 +125,6 @@ def build_components(config: EmbeddedConfig) -> tuple[list[Component], InMemoryB
     # buffer, rollouts scored by the reward service of this same server.
     trainer_config = dataclasses.replace(
         trainer_config, policy_base_path=trainer_config.policy_base_path or policy_config.model_path,
-        auto_start=trainer_config.auto_start or "RLHF_TRAINER_AUTO_START" not in os.environ,
         buffer_url=trainer_config.buffer_url or "memory://")
     trainer = TrainerComponent(trainer_config, bus=bus, cache=cache)
     chosen = config.policy_model_path or os.environ.get("RLHF_POLICY_MODEL_PATH")

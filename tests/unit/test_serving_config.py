@@ -30,6 +30,41 @@ def test_precedence_flag_over_service_env_over_platform_env():
     assert config.bus_url == "memory://" and config.create_topics is False
 
 
+def test_caller_defaults_sit_between_the_environment_and_the_field_defaults():
+    defaults = {"port": 7004, "topic_partitions": 2}
+    assert cfg.load(FeedbackConfig, parse([]), env={}, defaults=defaults).port == 7004
+    assert cfg.load(FeedbackConfig, parse([]), env={"RLHF_PORT": "7002"}, defaults=defaults).port == 7002
+    assert cfg.load(FeedbackConfig, parse(["--port", "7003"]), env={}, defaults=defaults).port == 7003
+    assert cfg.load(FeedbackConfig, parse([]), env={}, defaults=defaults, port=7005).port == 7005
+    with pytest.raises(cfg.ConfigError, match="no_such_field"):
+        cfg.load(FeedbackConfig, parse([]), env={}, defaults={"no_such_field": 1})
+
+
+def test_the_embedded_trainer_judges_canaries_sooner_unless_told_otherwise(monkeypatch, tmp_path):
+    """`rlhf up` serves one product's few responses a second: its canary takes half the routing keys and is judged
+    after 25 responses; the environment still wins, and the production defaults stay as they are."""
+    from rlhf.embedded import EmbeddedConfig, build_components
+    from rlhf.trainer.config import TrainerConfig
+
+    def trainer_config() -> TrainerConfig:
+        config = EmbeddedConfig(port=0, metrics_port=-1, artifact_root=str(tmp_path / "artifacts"))
+        components, _, _ = build_components(config)
+        (trainer,) = [c for c in components if isinstance(c.config, TrainerConfig)]
+        return trainer.config
+
+    for name in ("CANARY_PERCENT", "PROMOTE_AFTER", "AUTO_START"):
+        monkeypatch.delenv(f"RLHF_TRAINER_{name}", raising=False)
+        monkeypatch.delenv(f"RLHF_{name}", raising=False)
+    monkeypatch.chdir(tmp_path)  # no out/demo here: the tiny initial models
+    embedded = trainer_config()
+    assert (embedded.canary_percent, embedded.promote_after, embedded.auto_start) == (50, 25, True)
+    assert (TrainerConfig().canary_percent, TrainerConfig().promote_after, TrainerConfig().auto_start) == (10, 50, False)
+    monkeypatch.setenv("RLHF_TRAINER_CANARY_PERCENT", "10")
+    monkeypatch.setenv("RLHF_AUTO_START", "false")
+    told = trainer_config()
+    assert (told.canary_percent, told.promote_after, told.auto_start) == (10, 25, False)
+
+
 def test_config_is_frozen_and_every_field_documented():
     config = FeedbackConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):

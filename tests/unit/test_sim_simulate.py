@@ -327,6 +327,20 @@ def test_panel_markers_are_drawn_and_widen_the_x_axis():
     assert pixels(Panel("p", [line], markers=[Marker(3.0)])) != pixels(Panel("p", [line], markers=[Marker(1.0)]))
 
 
+def test_dense_markers_keep_their_lines_but_not_labels_that_would_overlap():
+    def pixels(*markers: Marker) -> bytes:
+        data = render_panels([Panel("p", [Series("y", [0.0, 10.0], [0.0, 1.0])], markers=list(markers))],
+                             width=400, panel_height=80)
+        return zlib.decompress(data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8])
+
+    # v3 at 5.1 would be drawn over v2's label: its line is drawn, its label is not, in whichever order they come
+    assert pixels(Marker(5.0, "v2"), Marker(5.1, "v3")) == pixels(Marker(5.0, "v2"), Marker(5.1, ""))
+    assert pixels(Marker(5.1, "v3"), Marker(5.0, "v2")) == pixels(Marker(5.0, "v2"), Marker(5.1, ""))
+    assert pixels(Marker(5.0, "v2"), Marker(5.1, "")) != pixels(Marker(5.0, "v2"))
+    # far enough apart, both labels are drawn
+    assert pixels(Marker(2.0, "v2"), Marker(8.0, "v3")) != pixels(Marker(2.0, "v2"), Marker(8.0, ""))
+
+
 def test_paired_win_rate_counts_ties_half_and_refuses_unpaired_lists():
     assert sim.paired_win_rate([1.0, 2.0, 0.0, 5.0], [0.0, 2.0, 1.0, 4.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     assert sim.paired_win_rate([0.3] * 3, [0.3] * 3) == 0.5  # a version against itself with the same seeds

@@ -184,8 +184,10 @@ def render_panels(panels: Sequence[Panel], x_label: str = "", width: int = 640, 
             y = py(panel.hline)
             for x in range(left, right, 8):
                 canvas.line(x, y, min(x + 4, right), y, (120, 120, 120))
-        # 3. the vertical markers, dashed, each with its label beside its foot
-        for m in panel.markers:
+        # 3. the vertical markers, dashed, each with its label beside its foot unless it would overlap the label
+        #    drawn before it (dense markers keep their lines; their labels would be an unreadable smear)
+        labels_end = -math.inf
+        for m in sorted(panel.markers, key=lambda m: m.x if math.isfinite(m.x) else math.inf):
             if not math.isfinite(m.x):
                 continue
             x = px(m.x)
@@ -194,7 +196,10 @@ def render_panels(panels: Sequence[Panel], x_label: str = "", width: int = 640, 
             if m.label:
                 label_w = len(m.label) * (GLYPH_W + 1)
                 label_x = int(x) + 3 if x + 3 + label_w <= right else int(x) - 3 - label_w
-                canvas.text(max(left + 1, label_x), bottom - GLYPH_H - 3, m.label, m.color)
+                label_x = max(left + 1, label_x)
+                if label_x > labels_end:
+                    canvas.text(label_x, bottom - GLYPH_H - 3, m.label, m.color)
+                    labels_end = label_x + label_w + 2
         # 4. the series, and a legend at the top right
         for k, s in enumerate(panel.series):
             color = s.color or PALETTE[k % len(PALETTE)]

@@ -181,8 +181,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def load(cls: type[C], args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None,
-         **overrides: Any) -> C:
-    """Build ``cls`` from flags (``args`` from a parser given :func:`add_arguments`), environment and defaults."""
+         defaults: Mapping[str, Any] | None = None, **overrides: Any) -> C:
+    """Build ``cls`` from flags (``args`` from a parser given :func:`add_arguments`), environment and defaults.
+
+    Precedence: ``overrides`` (fixed by the caller), then the flag, then the environment, then ``defaults`` (a
+    caller's own defaults, e.g. the embedded platform's), then the field's default.
+    """
     env = os.environ if env is None else env
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
@@ -198,7 +202,9 @@ def load(cls: type[C], args: argparse.Namespace | None = None, env: Mapping[str,
             values[f.name] = _parse(hints[f.name], flag, f"--{f.name.replace('_', '-')}")
         elif env_name in env:
             values[f.name] = _parse(hints[f.name], env[env_name], env_name)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        elif defaults and f.name in defaults:
+            values[f.name] = defaults[f.name]
+    unknown = (set(overrides) | set(defaults or ())) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
     return cls(**values)

@@ -19,7 +19,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from rlhf.bus import topics
-from rlhf.bus.base import Bus, Consumer, Message
+from rlhf.bus.base import Bus, Message
+from rlhf.bus.follower import TopicFollower
 from rlhf.v1 import common_pb2, events_pb2
 
 log = logging.getLogger(__name__)
@@ -59,72 +60,40 @@ def parse_events(messages: Sequence[Message],
     return out
 
 
-class ModelEventFollower:
+class ModelEventFollower(TopicFollower):
     """``start(loop)`` on the serving loop; ``apply`` runs there, the consumer on its own thread."""
+
+    thread_name = "model-events"
 
     def __init__(self, bus: Bus, apply: Apply, *, group: str, poll_timeout_s: float = 0.5,
                  retry_s: float = 2.0, on_unreadable: Callable[[], None] = lambda: None) -> None:
-        self.bus = bus
+        super().__init__(bus, [topics.MODELS], client_id=group, poll_timeout_s=poll_timeout_s, max_records=1000,
+                         retry_s=retry_s)
         self.apply = apply
         self.on_unreadable = on_unreadable
         self.group = group
         """This replica's reader name (its Kafka client id); no consumer group is joined."""
-        self._next: dict[tuple[str, int], int] = {}
-        """Per partition, the offset after the last applied event: a reader made again after an error goes on there."""
-        self.poll_timeout_s = poll_timeout_s
-        self.retry_s = retry_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.caught_up = threading.Event()
         """Set once a poll came back empty: the history of the topic has been applied."""
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:  # type: ignore[override]
         self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="model-events", daemon=True)
-        self._thread.start()
+        super().start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+    def idle(self) -> None:
+        self.caught_up.set()
 
-    def _run(self) -> None:
-        consumer: Consumer | None = None
-        while not self._stop.is_set():
+    def handle(self, messages: Sequence[Message]) -> bool:
+        events = parse_events(messages, self.on_unreadable)
+        if not events:
+            return True
+        future = asyncio.run_coroutine_threadsafe(self.apply(events), self._loop)  # type: ignore[arg-type]
+        while not self.stopping:  # the apply may load versions for minutes
             try:
-                if consumer is None:
-                    consumer = self.bus.reader([topics.MODELS], client_id=self.group, start_at=self._next)
-                messages = consumer.poll(self.poll_timeout_s, max_records=1000)
-                if not messages:
-                    self.caught_up.set()
-                    continue
-                events = parse_events(messages, self.on_unreadable)
-                if events:
-                    future = asyncio.run_coroutine_threadsafe(self.apply(events), self._loop)  # type: ignore[arg-type]
-                    while not self._stop.is_set():  # the apply may load versions for minutes
-                        try:
-                            future.result(timeout=0.5)
-                            break
-                        except TimeoutError:
-                            continue
-                    else:
-                        future.cancel()
-                        break
-                for m in messages:
-                    self._next[(m.topic, m.partition)] = max(self._next.get((m.topic, m.partition), 0), m.offset + 1)
-            except Exception as e:  # noqa: BLE001 - the bus may be down: retry, serving goes on meanwhile
-                log.warning("following %s: %s; retrying in %.0fs", topics.MODELS, e, self.retry_s)
-                if consumer is not None:
-                    _close(consumer)
-                    consumer = None
-                self._stop.wait(self.retry_s)
-        if consumer is not None:
-            _close(consumer)
-
-
-def _close(consumer: Consumer) -> None:
-    try:
-        consumer.close()
-    except Exception:  # noqa: BLE001
-        log.debug("closing the model-event consumer failed", exc_info=True)
+                future.result(timeout=0.5)
+                return True
+            except TimeoutError:
+                continue
+        future.cancel()
+        return False
