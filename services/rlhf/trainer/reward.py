@@ -68,18 +68,28 @@ def as_ranking(stored: StoredComparison):
                    margin=c.margin if k == 2 else None, messages=c.prompt.messages)
 
 
-def heldout_accuracy(reward_model, rankings: Sequence) -> float:
-    """Share of the pairs implied by ``rankings`` that ``reward_model`` orders as they do; a tie counts 1/2."""
+def heldout_accuracy(reward_model, rankings: Sequence, batch_size: int = 64) -> float:
+    """Share of the pairs implied by ``rankings`` that ``reward_model`` orders as they do; a tie counts 1/2.
+
+    Every response of every ranking is scored in batches of ``batch_size`` (not one forward pass per ranking)."""
     from rlhf.core.reward_training import prompt_text
 
-    right, total = 0.0, 0
+    prompts: list[str] = []
+    responses: list[str] = []
+    sizes: list[int] = []
     for r in rankings:
-        prompt = prompt_text(reward_model.tokenizer, r)
         ordered = list(r.ordered)
-        scores = reward_model.score([prompt] * len(ordered), ordered).tolist()
-        for i in range(len(scores)):
-            for j in range(i + 1, len(scores)):
-                right += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+        prompts += [prompt_text(reward_model.tokenizer, r)] * len(ordered)
+        responses += ordered
+        sizes.append(len(ordered))
+    scores = reward_model.score(prompts, responses, batch_size).tolist() if responses else []
+    right, total, start = 0.0, 0, 0
+    for size in sizes:
+        ranked = scores[start:start + size]  # best first, as the ranking orders them
+        start += size
+        for i in range(size):
+            for j in range(i + 1, size):
+                right += 1.0 if ranked[i] > ranked[j] else 0.5 if ranked[i] == ranked[j] else 0.0
                 total += 1
     return right / total if total else 0.0
 
