@@ -261,6 +261,18 @@ class BusContract:
         with bus.consumer([topic], group_id) as consumer:
             assert [m.value for m in poll_until(consumer, 3)] == [b"1", b"2", b"3"]
 
+    def test_commit_offsets_async_commits_without_waiting(self, bus: Bus, topic: str, group_id: str) -> None:
+        key = key_for_partition(1, self.PARTITIONS)
+        for i in range(4):
+            bus.send(topic, b"%d" % i, key=key)
+        bus.flush(30)
+        with bus.consumer([topic], group_id) as consumer:
+            poll_until(consumer, 4)
+            consumer.commit_offsets_async({(topic, 1): 2})
+            poll_quiet(consumer, 0.5)  # (Kafka: its network thread sends the commit meanwhile)
+        with bus.consumer([topic], group_id) as consumer:
+            assert [m.value for m in poll_until(consumer, 2)] == [b"2", b"3"]
+
     def test_groups_are_independent(self, bus: Bus, topic: str, group_id: str) -> None:
         bus.send(topic, b"x", key=b"k").result(30)
         with bus.consumer([topic], group_id) as a:

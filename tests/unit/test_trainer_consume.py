@@ -9,7 +9,7 @@ import pytest
 
 from rlhf.bus import InMemoryBus, topics
 from rlhf.bus.base import Message
-from rlhf.trainer.consume import FeedbackConsumer
+from rlhf.trainer.consume import FeedbackConsumer, _InlineStore
 from rlhf.trainer.dataset import Dataset, StoreFailed, StoreProcess
 from support.trainer_records import (
     demonstration, feedback_message, feedback_record, pairwise, ranking, response_message, served, thumb,
@@ -67,9 +67,83 @@ def test_a_second_writer_with_stale_offsets_stores_nothing_twice(dataset):
     other.close()
 
 
+def test_records_stored_before_at_other_offsets_are_looked_up_and_stored_once(dataset):
+    """A batch is first stored as new without looking its ids up; one id stored before (sent again by a producer:
+    a new offset) rolls that attempt back, and the batch is stored again with the lookups: the new records once,
+    the old ones counted as duplicates, nothing derived twice."""
+    first = dataset.store([response_message(served("o1", "q", "x")), response_message(served("o2", "q", "y")),
+                           feedback_message(demonstration("od", "p", "ideal")),
+                           feedback_message(ranking("ow", "o1", "o9"))])  # waits for o9
+    assert first.stored == {"response": 2, "demonstration": 1, "ranking": 1}
+    again = dataset.store([response_message(served("o2", "q", "y")), response_message(served("o9", "q", "z")),
+                           feedback_message(demonstration("od", "p", "ideal")),
+                           feedback_message(demonstration("nd", "p", "new")),
+                           feedback_message(ranking("ok", "o1", "o2"))])
+    assert again.stored == {"response": 1, "demonstration": 1, "ranking": 1}
+    assert again.duplicates == {"response": 1, "demonstration": 1}
+    assert again.comparisons == 2 and again.demonstrations == 1  # "ow" joined o9, "ok" its stored responses
+    assert len(dataset.demonstrations()) == 2 and dataset.count_comparisons() == 2
+    assert dict(dataset.feedback_events()) == {"od": "used", "ow": "used", "nd": "used", "ok": "used"}
+    assert dataset.sizes()["responses"] == 3
+    with sqlite3.connect(dataset.path) as db:
+        assert db.execute("SELECT count(*) FROM waiting").fetchone() == (0,)
+
+
+def test_responses_named_later_are_read_from_the_recent_ones_or_else_from_the_file(dataset):
+    """The writer keeps the responses of its last transactions (a bounded number): feedback naming them needs no
+    query; ones it dropped are read from the file."""
+    dataset.RECENT_RESPONSES = 2
+    dataset.store([response_message(served(f"c{i}", "q", f"text {i}")) for i in range(4)])
+    assert sorted(dataset._recent) == ["c2", "c3"]
+    out = dataset.store([feedback_message(ranking("old", "c0", "c1")), feedback_message(ranking("new", "c3", "c2"))])
+    assert out.comparisons == 2 and sorted(dataset._recent) == ["c0", "c1"]  # read from the file, the newest now
+    got = {c.comparison.sources: c.comparison.responses for c in dataset.comparisons()}
+    assert got == {("old",): ("text 0", "text 1"), ("new",): ("text 3", "text 2")}
+
+
+def test_the_consumer_stores_on_its_thread_until_the_store_process_is_up(tmp_path, monkeypatch):
+    """A store process takes a fresh interpreter's imports to start: batches polled before it is up are stored on
+    the consumer's thread, the later ones by the process."""
+    bus = InMemoryBus()
+    bus.ensure_topics(topics.platform_topics(partitions=2))
+    ds = Dataset(str(tmp_path / "dataset.sqlite"))
+    up = {"now": False}
+    started = StoreProcess.started
+    monkeypatch.setattr(StoreProcess, "started", lambda self: up["now"] and started(self))
+    where = []
+    for cls in (StoreProcess, _InlineStore):
+        submit = cls.submit
+        monkeypatch.setattr(cls, "submit", lambda self, messages, *a, _s=submit, _c=cls: (
+            where.append(_c.__name__), _s(self, messages, *a))[1])
+    consumer = FeedbackConsumer(bus, ds, group="g", max_records=5, poll_timeout_s=0.05, housekeeping_s=0.1)
+    _produce(bus, events=[demonstration(f"d{i}", f"p{i}", f"ideal {i}") for i in range(10)])
+    consumer.start()
+    try:
+        _wait(lambda: ds.sizes().get("feedback_used") == 10, "the first events, stored on the thread")
+        assert set(where) == {"_InlineStore"} and isinstance(consumer._store, StoreProcess)
+        up["now"] = True  # (from the process's own start on)
+        later = 0
+        deadline = time.monotonic() + 30
+        while "StoreProcess" not in where and time.monotonic() < deadline:
+            _produce(bus, events=[demonstration(f"e{later}", "p", f"ideal {later}")])
+            later += 1
+            time.sleep(0.05)
+        _wait(lambda: ds.sizes().get("feedback_used") == 10 + later, "the later events")
+        assert "StoreProcess" in where and where[-1] == "StoreProcess" and not consumer.last_error
+    finally:
+        consumer.stop()
+        ds.close()
+        bus.close()
+    assert len(ds.demonstrations()) == 10 + later
+
+
 def test_the_store_process_stores_in_one_transaction_and_advances_the_offsets(dataset):
     store = StoreProcess(dataset)
     try:
+        deadline = time.monotonic() + 30
+        while not store.started() and time.monotonic() < deadline:  # up once its dataset is open
+            time.sleep(0.01)
+        assert store.started()
         batch = [response_message(served("p1", "q", "x")), response_message(served("p2", "q", "y")),
                  feedback_message(ranking("pe", "p1", "p2")), feedback_message(ranking("pw", "p1", "p3"))]
         out = store.store(batch)

@@ -201,6 +201,12 @@ class Consumer(abc.ABC):
         """Commit explicit next-to-read offsets (e.g. those stored with the consumer's data)."""
         raise NotImplementedError
 
+    def commit_offsets_async(self, offsets: dict[TopicPartition, int]) -> None:
+        """:meth:`commit_offsets` without waiting for the answer, for advisory commits (a consumer that keeps its own
+        offsets): a failure is logged, not raised, and a later commit may overtake an earlier one. By default it
+        waits (and raises) like :meth:`commit_offsets`."""
+        self.commit_offsets(offsets)
+
     def assignment(self) -> list[TopicPartition]:
         """The partitions this member holds now."""
         raise NotImplementedError

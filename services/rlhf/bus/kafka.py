@@ -457,6 +457,12 @@ class _Listener(kafka.ConsumerRebalanceListener):
         self.listener.on_lost(sorted((tp.topic, tp.partition) for tp in lost))
 
 
+def _log_failed_commit(offsets: Any, response: Any) -> None:
+    """kafka-python's callback of an asynchronous commit: ``response`` is an exception when it failed."""
+    if isinstance(response, BaseException):
+        log.info("asynchronous commit of %d partitions failed: %s", len(offsets), response)
+
+
 class KafkaGroupConsumer(Consumer):
     """A member of a consumer group with manual commits (wraps ``kafka.KafkaConsumer``)."""
 
@@ -475,6 +481,18 @@ class KafkaGroupConsumer(Consumer):
                            timeout_ms=self._request_timeout_ms)
         except kerr.CommitFailedError as e:
             raise BusError(f"commit failed: the group rebalanced ({e})") from e
+        except Exception as e:
+            raise _bus_error(e, "commit failed") from e
+
+    def commit_offsets_async(self, offsets: dict[TopicPartition_, int]) -> None:
+        """Queues the commit on the client (sent by its network thread; no round trip waited for here)."""
+        if self._closed:
+            raise BusError("commit on a closed consumer")
+        if not offsets:
+            return
+        try:
+            self._c.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()},
+                                 callback=_log_failed_commit)
         except Exception as e:
             raise _bus_error(e, "commit failed") from e
 
@@ -558,6 +576,9 @@ class KafkaReader(KafkaGroupConsumer):
     def commit_offsets(self, offsets: dict[TopicPartition_, int]) -> None:
         if self._closed:
             raise BusError("commit on a closed reader")
+
+    def commit_offsets_async(self, offsets: dict[TopicPartition_, int]) -> None:
+        self.commit_offsets(offsets)
 
 
 class KafkaBus(Bus):

@@ -4,8 +4,10 @@
    revoke (``on_lost``: another member reads them again);
 2. store it: records and offsets in one dataset transaction (``Dataset.store``), by default in a process of its own
    (:class:`~rlhf.trainer.dataset.StoreProcess`) while this thread polls the next batch: one batch in flight, so
-   reading and storing overlap instead of taking turns (``store_process=False``: on this thread);
-3. once the batch is stored (its transaction committed), commit its offsets to Kafka: advisory only, for the usual
+   reading and storing overlap instead of taking turns (``store_process=False``: on this thread; also while the
+   store process starts, a fresh interpreter's ~0.3 s, so that the first batches need not wait for it);
+3. once the batch is stored (its transaction committed), commit the offsets it stored to Kafka, after handing the
+   next batch to the store and without waiting for the broker's answer: advisory only, for the usual
    lag tools; on (re)assignment the dataset's own offsets win (``on_assigned`` seeks there; a batch still in flight
    then is delivered again and skipped by the dataset, whose transaction reads the offsets it stored), and on revoke
    the stored offsets are committed (asynchronously: the rebalance callbacks run on the client's network thread,
@@ -60,7 +62,8 @@ class FeedbackConsumer(RebalanceListener):
         self._paused = threading.Event()
         self._thread: threading.Thread | None = None
         self._store: StoreProcess | _InlineStore | None = None
-        self._in_flight: tuple[list[Message], float] | None = None  # the batch being stored, when submitted
+        self._inline = _InlineStore(dataset)  # stores while the store process starts
+        self._in_flight: tuple[StoreProcess | _InlineStore, float] | None = None  # the batch being stored: where, when
         self._next_housekeeping = 0.0
 
     # ------------------------------------------------------------------------------------------ control
@@ -140,7 +143,7 @@ class FeedbackConsumer(RebalanceListener):
 
     def _step(self, consumer: Consumer) -> None:
         assert self._store is not None
-        if self._in_flight is not None and self._store.ready():
+        if self._in_flight is not None and self._in_flight[0].ready():
             self._finish(consumer)  # 3. stored meanwhile: commit it now, not after a poll's whole timeout
         # 1. (the batch in flight is stored meanwhile; a short poll then, to commit it soon once stored)
         messages = consumer.poll(self.poll_timeout_s if self._in_flight is None else min(self.poll_timeout_s, 0.01),
@@ -159,27 +162,45 @@ class FeedbackConsumer(RebalanceListener):
             with self._lost_lock:
                 if self._lost:
                     messages = [m for m in messages if (m.topic, m.partition) not in self._lost]
-        if messages or (self._in_flight is not None and self._store.ready()):
-            self._finish(consumer)  # 3. for the batch in flight
+        stored = None
+        if self._in_flight is not None and (messages or self._in_flight[0].ready()):
+            stored = self._collect()  # the batch in flight is stored (its transaction committed)
         if self._in_flight is None and time.monotonic() >= self._next_housekeeping:
+            if stored is not None:
+                self._commit(consumer, stored)
+                stored = None
             self._housekeeping(consumer)  # 4. (between batches: its writes never wait for one being stored)
             self._next_housekeeping = time.monotonic() + self.housekeeping_s
-        if messages:
-            self._in_flight = (messages, time.perf_counter())
-            self._store.submit(messages)  # 2.
+        try:
+            if messages:  # 2. (on this thread while the store process starts: its imports take ~0.3 s)
+                store = self._store if self._store.started() else self._inline
+                self._in_flight = (store, time.perf_counter())
+                store.submit(messages)
+        finally:
+            if stored is not None:
+                self._commit(consumer, stored)  # 3. for the batch stored, while the next one is being stored
 
-    def _finish(self, consumer: Consumer) -> None:
+    def _finish(self, consumer: Consumer, wait: bool = False) -> None:
         """Wait for the batch in flight to be stored, then commit its offsets to Kafka."""
-        if self._in_flight is None:
-            return
-        messages, started = self._in_flight
-        self._in_flight = None
-        assert self._store is not None
-        outcome = self._store.result()
+        if self._in_flight is not None:
+            self._commit(consumer, self._collect(), wait)
+
+    def _collect(self) -> StoreOutcome:
+        """Wait for the batch in flight to be stored: its outcome (counted)."""
+        assert self._in_flight is not None
+        (store, started), self._in_flight = self._in_flight, None
+        outcome = store.result()
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
         self._count(outcome)
+        return outcome
+
+    def _commit(self, consumer: Consumer, outcome: StoreOutcome, wait: bool = False) -> None:
+        """3.: the advisory commit of a stored batch: the offsets its transaction stored (per partition, not a pass
+        over its records; none when the whole batch had been stored before), without waiting for the broker's
+        answer (a round trip per batch otherwise) unless ``wait`` (the last one, before closing)."""
         try:
-            consumer.commit(messages)
+            if outcome.offsets:
+                (consumer.commit_offsets if wait else consumer.commit_offsets_async)(outcome.offsets)
         except BusError as e:
             log.info("advisory commit failed (the dataset's offsets are what counts): %s", e)
         self.on_stored(outcome)
@@ -225,7 +246,7 @@ class FeedbackConsumer(RebalanceListener):
         unless stored)."""
         if consumer is not None and self._in_flight is not None and not failed:
             try:
-                self._finish(consumer)
+                self._finish(consumer, wait=True)
             except Exception:  # noqa: BLE001 - not stored (or not committed to Kafka): read again
                 log.warning("storing the last batch before closing failed", exc_info=True)
                 failed = True
@@ -251,6 +272,9 @@ class _InlineStore:
 
     def submit(self, messages: Sequence[Message]) -> None:
         self._outcome = self.dataset.store(messages)
+
+    def started(self) -> bool:
+        return True
 
     def ready(self) -> bool:
         return True

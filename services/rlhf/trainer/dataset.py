@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -144,10 +145,17 @@ def _letter(event_id: str, payload: bytes, topic: str, partition: int, offset: i
 
 class _Rows:
     """The rows of one transaction, by table, as plain tuples (no dataclass per record: building rows is most of a
-    record's cost), written at its end with one ``executemany`` each."""
+    record's cost), written at its end with one ``executemany`` each.
 
-    def __init__(self, now: float) -> None:
+    ``assumed_new``: the batch's responses and feedback events are taken to be new without looking them up (the
+    usual case: records below the stored offsets were skipped already) and written with plain ``INSERT``
+    statements, so that one stored before (the same id at another offset, e.g. sent twice by a producer) fails the
+    batch with an :class:`sqlite3.IntegrityError` instead of being stored twice; :meth:`Dataset.store` then stores
+    it again, looking up what is stored (``assumed_new=False``). The lookups were ~7% of storing a batch."""
+
+    def __init__(self, now: float, assumed_new: bool = False) -> None:
         self.now = now
+        self.assumed_new = assumed_new
         self.responses: dict[str, StoredResponse] = {}  # stored in this batch
         self.known: dict[str, StoredResponse] = {}  # stored before, looked up for this batch
         self.feedback: list[tuple] = []  # new feedback rows
@@ -173,13 +181,14 @@ class _Rows:
         self.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, reason, out)
 
     def write(self, db: sqlite3.Connection) -> None:
+        insert = "INSERT" if self.assumed_new else "INSERT OR IGNORE"
         if self.responses:
             now = self.now
-            db.executemany("INSERT OR IGNORE INTO responses VALUES(?,?,?,?,?,?,?)", [
+            db.executemany(f"{insert} INTO responses VALUES(?,?,?,?,?,?,?)", [
                 (rid, r.prompt, r.messages_json, r.prompt_key, r.text, r.policy_version, now)
                 for rid, r in self.responses.items()])
         if self.feedback:
-            db.executemany("INSERT OR IGNORE INTO feedback VALUES(?,?,?,?,?,?,?,?,?)", self.feedback)
+            db.executemany(f"{insert} INTO feedback VALUES(?,?,?,?,?,?,?,?,?)", self.feedback)
         if self.updates:
             db.executemany("UPDATE feedback SET state=?, reason=? WHERE event_id=?", self.updates)
         if self.waiting:
@@ -200,6 +209,8 @@ class _Rows:
 class Dataset:
     """The SQLite dataset; one writer thread (the consumer), any number of reader threads."""
 
+    RECENT_RESPONSES = 20_000
+
     def __init__(self, path: str, *, heldout_share: float = 0.1, join_timeout_s: float = 300.0) -> None:
         self.path = path
         self.heldout_share = heldout_share
@@ -209,6 +220,10 @@ class Dataset:
         self._db().executescript(SCHEMA)  # IF NOT EXISTS: idempotent (executescript commits by itself)
         self._offsets: dict[TopicPartition, int] = {
             (t, p): o for t, p, o in self._db().execute("SELECT topic, partition, next_offset FROM offsets")}
+        self._recent: dict[str, StoredResponse] = {}
+        """Responses committed by this instance's transactions or read in them, newest last (at most
+        ``RECENT_RESPONSES``): feedback usually names responses stored a batch or two before it, and a stored
+        response never changes, so these need no query. Used by the writer thread only."""
 
     # ------------------------------------------------------------------------------------------ connections
 
@@ -266,10 +281,10 @@ class Dataset:
 
     def store(self, messages: Sequence[Message], now: float | None = None) -> StoreOutcome:
         """Steps 1-4 of the module docstring, in one transaction. Rows are gathered per table and written with one
-        ``executemany`` each, and lookups are one query per batch, not per record."""
+        ``executemany`` each, and lookups are one query per batch, not per record. The records are first stored as
+        new without looking their ids up (a savepoint); should one have been stored before, that attempt is rolled
+        back and the batch stored again with the lookups (see :class:`_Rows`)."""
         now = time.time() if now is None else now
-        out = StoreOutcome()
-        rows = _Rows(now)
         with self._tx() as db:
             # The offsets as this transaction sees them (not the cache): another writer (a store process of a
             # trainer restarted meanwhile) may have stored more since this instance read them.
@@ -290,26 +305,42 @@ class Dataset:
                     feedback.append(m)
                 elif m.topic == topics.RESPONSES:
                     responses.append(m)
+            new_offsets = {tp: o + 1 for tp, o in highest.items() if o + 1 > known.get(tp, 0)}
+            db.execute("SAVEPOINT assumed_new")
+            try:
+                rows, out = self._store_records(db, responses, feedback, now, assumed_new=True)
+            except sqlite3.IntegrityError:  # one was stored before, at another offset: look them up this time
+                db.execute("ROLLBACK TO assumed_new")
+                rows, out = self._store_records(db, responses, feedback, now, assumed_new=False)
+            db.execute("RELEASE assumed_new")
             if redelivered:
                 out.duplicates["redelivered"] += redelivered
-            new_offsets = {tp: o + 1 for tp, o in highest.items() if o + 1 > known.get(tp, 0)}
             if responses:
                 out.consumed[topics.RESPONSES] += len(responses)
             if feedback:
                 out.consumed[topics.FEEDBACK] += len(feedback)
-            arrived = self._store_responses(db, responses, rows, out)  # 2.
-            self._store_feedback(db, feedback, rows, out)  # 3.
-            if arrived:
-                self._resolve_waiting(db, arrived, rows, out)
-            rows.write(db)
             db.executemany(  # 4.
                 "INSERT INTO offsets VALUES(?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET "
                 "next_offset=max(next_offset, excluded.next_offset)",
                 [(t, p, o) for (t, p), o in new_offsets.items()])
         self.advance(new_offsets)
+        self._remember(rows.known)  # (committed now)
+        self._remember(rows.responses)
         out.comparisons, out.demonstrations = len(rows.comparisons), len(rows.demonstrations)
         out.offsets = new_offsets
         return out
+
+    def _store_records(self, db: sqlite3.Connection, responses: Sequence[Message], feedback: Sequence[Message],
+                       now: float, assumed_new: bool) -> tuple[_Rows, StoreOutcome]:
+        """Steps 2 and 3 for the records above the stored offsets: their rows, written, and what they did."""
+        out = StoreOutcome()
+        rows = _Rows(now, assumed_new)
+        arrived = self._store_responses(db, responses, rows, out)  # 2.
+        self._store_feedback(db, feedback, rows, out)  # 3.
+        if arrived:
+            self._resolve_waiting(db, arrived, rows, out)
+        rows.write(db)
+        return rows, out
 
     def advance(self, offsets: dict[TopicPartition, int]) -> None:
         """Note offsets stored (and committed) by another writer of this file, e.g. a :class:`StoreProcess`."""
@@ -338,7 +369,7 @@ class Dataset:
                 duplicates += 1
                 continue
             parsed[response_id] = convert.stored_response(served)
-        existing = _existing(db, "responses", "response_id", list(parsed)) if parsed else []
+        existing = _existing(db, "responses", "response_id", list(parsed)) if parsed and not rows.assumed_new else []
         for rid in existing:  # the stored one is looked up when feedback needs it
             del parsed[rid]
         duplicates += len(existing)
@@ -371,7 +402,7 @@ class Dataset:
             records.append((m, event, event_id))
         if not records:
             return
-        existing = set(_existing(db, "feedback", "event_id", list(seen)))
+        existing = set() if rows.assumed_new else set(_existing(db, "feedback", "event_id", list(seen)))
         stored: dict[str, int] = {}
         duplicates: dict[str, int] = {}
         waiting: list[tuple[Message, feedback_pb2.FeedbackEvent, str, str, tuple[str, ...]]] = []
@@ -409,7 +440,22 @@ class Dataset:
             if state == DEAD:
                 rows.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, reason, out)
 
+    def _remember(self, responses: dict[str, StoredResponse]) -> None:
+        recent = self._recent
+        recent.update(responses)
+        if len(recent) > self.RECENT_RESPONSES:
+            for rid in list(itertools.islice(recent, len(recent) - self.RECENT_RESPONSES)):
+                del recent[rid]
+
     def _responses(self, db: sqlite3.Connection, response_ids: Sequence[str]) -> dict[str, StoredResponse]:
+        """The stored responses of these ids (those stored)."""
+        recent = self._recent
+        out = {rid: recent[rid] for rid in response_ids if rid in recent}
+        if len(out) < len(response_ids):
+            out.update(self._query_responses(db, [rid for rid in response_ids if rid not in out]))
+        return out
+
+    def _query_responses(self, db: sqlite3.Connection, response_ids: Sequence[str]) -> dict[str, StoredResponse]:
         out: dict[str, StoredResponse] = {}
         for chunk in _chunks(response_ids):
             marks = ",".join("?" * len(chunk))
@@ -422,10 +468,10 @@ class Dataset:
     def _convert(self, db: sqlite3.Connection, event: feedback_pb2.FeedbackEvent, event_id: str, kind: str,
                  needed: Sequence[str], rows: _Rows) -> tuple[str, str]:
         """An event whose responses are all stored: its derived rows; (state, dead-letter reason)."""
-        unknown = [r for r in needed if rows.response(r) is None]
-        if unknown:  # stored by earlier transactions and not looked up yet
-            rows.known.update(self._responses(db, unknown))
         stored = [rows.response(r) for r in needed]
+        if None in stored:  # stored by earlier transactions and not looked up yet
+            rows.known.update(self._responses(db, [r for r, s in zip(needed, stored) if s is None]))
+            stored = [rows.response(r) for r in needed]
         try:
             if kind in ("pairwise", "ranking"):  # the usual kinds: rows straight from the stored responses
                 texts, margin = convert.preference(event, kind, needed, stored)
@@ -632,6 +678,9 @@ class Record(NamedTuple):
     value: bytes
 
 
+_STARTED = b"\x01"  # what a store process writes first, once its dataset is open
+
+
 class StoreFailed(Exception):
     """The store process failed a batch, or exited; the batch is not stored (its offsets are not either)."""
 
@@ -656,6 +705,7 @@ class StoreProcess:
             [sys.executable, "-m", "rlhf.trainer.dataset", "--serve", dataset.path, repr(dataset.heldout_share),
              repr(dataset.join_timeout_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.in_flight = False
+        self._up = False  # _STARTED was read
 
     @property
     def alive(self) -> bool:
@@ -672,14 +722,34 @@ class StoreProcess:
             raise StoreFailed(f"the store process exited (code {self._proc.poll()}): {e}") from e
         self.in_flight = True
 
+    def started(self) -> bool:
+        """Whether the process is up, its dataset open (a fresh interpreter's imports take ~0.3 s; a batch submitted
+        before waits for them). Raises :class:`StoreFailed` if it exited instead."""
+        if not self._up and select.select([self._proc.stdout], [], [], 0)[0]:
+            self._read_started()
+        return self._up
+
+    def _read_started(self) -> None:
+        if self._proc.stdout.read(1) != _STARTED:
+            raise StoreFailed(f"the store process exited at its start (code {self._proc.poll()})")
+        self._up = True
+
     def ready(self) -> bool:
         """Whether the batch in flight has its result (or the process exited): :meth:`result` would not wait."""
+        if not self._up:
+            try:
+                if not self.started():
+                    return False
+            except StoreFailed:
+                return True  # result() raises it
         return bool(select.select([self._proc.stdout], [], [], 0)[0])
 
     def result(self) -> StoreOutcome:
         if not self.in_flight:
             raise RuntimeError("StoreProcess.result: no batch in flight")
         self.in_flight = False
+        if not self._up:
+            self._read_started()
         try:
             ok, value = pickle.load(self._proc.stdout)
         except (EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
@@ -715,6 +785,11 @@ def _serve(path: str, heldout_share: float, join_timeout_s: float) -> int:
     dataset = Dataset(path, heldout_share=heldout_share, join_timeout_s=join_timeout_s)
     make = Record._make
     try:
+        try:
+            replies.write(_STARTED)
+            replies.flush()
+        except BrokenPipeError:  # the trainer is gone already
+            return 0
         while True:
             try:
                 records, now = pickle.load(requests)
