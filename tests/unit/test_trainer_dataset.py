@@ -6,6 +6,7 @@ import pytest
 
 from rlhf.bus import topics
 from rlhf.trainer import convert
+from rlhf.trainer import dataset as dataset_module
 from rlhf.trainer.dataset import Dataset
 from rlhf.v1 import events_pb2, feedback_pb2
 from support.trainer_records import (
@@ -120,3 +121,23 @@ def test_an_event_waiting_for_its_last_response_joins_the_ones_stored_before(dat
     [c] = dataset.comparisons()
     assert c.comparison.responses == ("stored before", "arrived last") and c.comparison.sources == ("late-join",)
     assert dict(dataset.feedback_events()) == {"late-join": "used"}
+
+
+def test_batches_larger_than_a_statement_keep_their_order_and_store_a_resent_record_once(dataset):
+    """Rows go in ``_ROWS_PER_INSERT`` to a statement: a batch of several full statements and a remainder keeps
+    the stream's order (AUTOINCREMENT ids), and a response sent twice (another offset, inside a full statement)
+    fails the plain INSERT attempt and is stored once by the retry with lookups."""
+    n = 2 * dataset_module._ROWS_PER_INSERT + 7
+    demos = [feedback_message(demonstration(f"d{i}", f"prompt {i}", f"answer {i}")) for i in range(n)]
+    out = dataset.store(demos)
+    assert out.stored == {"demonstration": n} and out.demonstrations == n
+    assert [d.source for d in dataset.demonstrations()] == [f"d{i}" for i in range(n)]
+
+    specs = [(f"r{i}", f"q{i // 2}", f"text {i}") for i in range(2 * n)]
+    dataset.store(responses(*specs[:n]))
+    batch = responses(*specs[n:])
+    batch.insert(5, responses(specs[3])[0])  # r3, stored before, sent again at a new offset: in a full statement
+    out = dataset.store(batch + [feedback_message(ranking(f"k{i}", f"r{2 * i}", f"r{2 * i + 1}")) for i in range(n)])
+    assert out.stored["response"] == n and out.duplicates["response"] == 1 and out.stored["ranking"] == n
+    assert dataset.sizes()["responses"] == 2 * n
+    assert [c.comparison.sources for c in dataset.comparisons()] == [(f"k{i}",) for i in range(n)]

@@ -194,9 +194,11 @@ def preference(event: feedback_pb2.FeedbackEvent, kind: str, needed_ids: Sequenc
     return texts, None
 
 
-def needed_responses(event: feedback_pb2.FeedbackEvent) -> tuple[str, ...]:
-    """The response ids an event needs before it can be converted."""
-    kind = kind_of(event)
+def needed_responses(event: feedback_pb2.FeedbackEvent, kind: str | None = None) -> tuple[str, ...]:
+    """The response ids an event needs before it can be converted (``kind``: its ``WhichOneof("kind")``, when the
+    caller has it; raises :class:`Unusable` when it is none of :data:`KINDS`)."""
+    if kind is None or kind not in KINDS:
+        kind = kind_of(event)
     if kind == "rating":
         return (event.rating.response_id,)
     if kind == "pairwise":

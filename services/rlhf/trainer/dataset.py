@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -184,26 +185,43 @@ class _Rows:
         insert = "INSERT" if self.assumed_new else "INSERT OR IGNORE"
         if self.responses:
             now = self.now
-            db.executemany(f"{insert} INTO responses VALUES(?,?,?,?,?,?,?)", [
+            _insert_rows(db, f"{insert} INTO responses VALUES", 7, [
                 (rid, r.prompt, r.messages_json, r.prompt_key, r.text, r.policy_version, now)
                 for rid, r in self.responses.items()])
         if self.feedback:
-            db.executemany(f"{insert} INTO feedback VALUES(?,?,?,?,?,?,?,?,?)", self.feedback)
+            _insert_rows(db, f"{insert} INTO feedback VALUES", 9, self.feedback)
         if self.updates:
             db.executemany("UPDATE feedback SET state=?, reason=? WHERE event_id=?", self.updates)
         if self.waiting:
-            db.executemany("INSERT OR IGNORE INTO waiting VALUES(?,?)", self.waiting)
+            _insert_rows(db, "INSERT OR IGNORE INTO waiting VALUES", 2, self.waiting)
         if self.ratings:
             db.executemany("INSERT OR IGNORE INTO ratings VALUES(?,?,?,?,?)",
                            [(r.event_id, r.response_id, r.prompt_key, r.value, r.text) for r in self.ratings])
         if self.comparisons:
-            db.executemany("INSERT INTO comparisons(prompt, messages, responses, margin, sources, heldout) "
-                           "VALUES(?,?,?,?,?,?)", self.comparisons)
+            _insert_rows(db, "INSERT INTO comparisons(prompt, messages, responses, margin, sources, heldout) VALUES",
+                         6, self.comparisons)
         if self.demonstrations:
-            db.executemany("INSERT INTO demonstrations(prompt, messages, response, source) VALUES(?,?,?,?)",
-                           self.demonstrations)
+            _insert_rows(db, "INSERT INTO demonstrations(prompt, messages, response, source) VALUES", 4,
+                         self.demonstrations)
         if self.outbox:
             db.executemany("INSERT INTO outbox(event_id, payload) VALUES(?,?)", self.outbox)
+
+
+_ROWS_PER_INSERT = 64  # rows per multi-row INSERT (a statement per chunk size, cached by the connection)
+
+
+def _insert_rows(db: sqlite3.Connection, head: str, width: int, rows: Sequence[tuple]) -> None:
+    """``head`` (``INSERT ... VALUES``) for every row, ``_ROWS_PER_INSERT`` rows a statement: one statement step,
+    parameter list and GIL release per chunk instead of per row (``executemany`` of one row's statement costs about
+    a fifth more per row). Rows go in in order, so AUTOINCREMENT ids follow it."""
+    one = "(" + ",".join("?" * width) + ")"
+    full = len(rows) - len(rows) % _ROWS_PER_INSERT
+    if full:
+        sql = head + ",".join([one] * _ROWS_PER_INSERT)
+        chain = itertools.chain.from_iterable
+        db.executemany(sql, [tuple(chain(rows[i:i + _ROWS_PER_INSERT])) for i in range(0, full, _ROWS_PER_INSERT)])
+    if full < len(rows):
+        db.executemany(head + one, rows[full:])
 
 
 class Dataset:
@@ -382,7 +400,7 @@ class Dataset:
     def _store_feedback(self, db: sqlite3.Connection, messages: Sequence[Message], rows: _Rows,
                         out: StoreOutcome) -> None:
         """3.: events not stored before (by event_id), converted when their responses are all stored."""
-        records: list[tuple[Message, feedback_pb2.FeedbackEvent, str]] = []
+        records: list[tuple[Message, feedback_pb2.FeedbackEvent, str, str]] = []
         seen: set[str] = set()
         parse = events_pb2.FeedbackRecord.FromString
         for m in messages:
@@ -395,11 +413,12 @@ class Dataset:
             if not event_id:
                 rows.dead_letter("", m, "the feedback event has no event_id", out)
                 continue
+            kind = event.WhichOneof("kind") or "none"
             if event_id in seen:
-                out.duplicates[event.WhichOneof("kind") or "none"] += 1
+                out.duplicates[kind] += 1
                 continue
             seen.add(event_id)
-            records.append((m, event, event_id))
+            records.append((m, event, event_id, kind))
         if not records:
             return
         existing = set() if rows.assumed_new else set(_existing(db, "feedback", "event_id", list(seen)))
@@ -407,8 +426,7 @@ class Dataset:
         duplicates: dict[str, int] = {}
         waiting: list[tuple[Message, feedback_pb2.FeedbackEvent, str, str, tuple[str, ...]]] = []
         now, feedback_rows, demonstrations = rows.now, rows.feedback, rows.demonstrations
-        for m, event, event_id in records:
-            kind = event.WhichOneof("kind") or "none"
+        for m, event, event_id, kind in records:
             if event_id in existing:
                 duplicates[kind] = duplicates.get(kind, 0) + 1
                 continue
@@ -418,7 +436,7 @@ class Dataset:
                 feedback_rows.append((event_id, kind, USED, m.value, now, m.topic, m.partition, m.offset, ""))
                 continue
             try:
-                waiting.append((m, event, event_id, kind, convert.needed_responses(event)))
+                waiting.append((m, event, event_id, kind, convert.needed_responses(event, kind)))
             except Unusable as e:
                 feedback_rows.append((event_id, kind, DEAD, m.value, now, m.topic, m.partition, m.offset, e.reason))
                 rows.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, e.reason, out)
@@ -784,6 +802,7 @@ def _serve(path: str, heldout_share: float, join_timeout_s: float) -> int:
     sys.stdout = sys.stderr  # stdout carries only replies
     dataset = Dataset(path, heldout_share=heldout_share, join_timeout_s=join_timeout_s)
     make = Record._make
+    gc.freeze()  # what the imports made is never garbage: collections of the rows' young objects skip it (~1%)
     try:
         try:
             replies.write(_STARTED)
