@@ -17,18 +17,23 @@ rlhf.responses.v1 and rlhf.feedback.v1; each repeat then reads exactly that rang
 Both use kafka-python's default fetch settings and at most 2,000 records per poll, and both clocks start before the
 consumer connects (the raw one's first polls wait ~0.2 s for metadata, the trainer's for its group to assign it).
 Repeats alternate (raw, trainer, ...); medians are reported. Goal: trainer >= 0.8x of raw.
+Also printed: CPU per record of each side (the raw consumer's process; the trainer's process and its store process,
+whose start is included), and the steady rates, from the first records received (or stored) to the last, which
+leave out the connection, the group join and the store process's start.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -68,25 +73,51 @@ def len_partitions(bus, topic: str) -> int:
         c.close()
 
 
-def raw(bootstrap: str, starts: dict, n: int) -> float:
+class Run(NamedTuple):
+    """One repeat of one side: wall-clock seconds, and CPU seconds of this process and of its store process."""
+
+    seconds: float
+    cpu_s: float
+    store_cpu_s: float = 0.0
+    steady_records_per_s: float = 0.0  # after the first records arrived (the connection's and start-up's cost apart)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def raw(bootstrap: str, starts: dict, n: int) -> Run:
     from kafka import KafkaConsumer, TopicPartition
 
+    cpu = time.process_time()
     started = time.perf_counter()  # like the trainer's: from before the consumer connects
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     tps = {TopicPartition(t, p): o for (t, p), o in starts.items()}
     c.assign(list(tps))
     for tp, o in tps.items():
         c.seek(tp, o)
-    got = 0
+    got, first = 0, None
     while got < n:
         for records in c.poll(timeout_ms=500, max_records=2000).values():
             got += len(records)
-    elapsed = time.perf_counter() - started
+        if first is None and got:
+            first = (time.perf_counter(), got)
+    ended = time.perf_counter()
+    elapsed = ended - started
+    cpu = time.process_time() - cpu
     c.close()
-    return elapsed
+    return Run(elapsed, cpu, 0.0, steady_rate(first, ended, n))
 
 
-def trainer(bus, starts: dict, n: int, workdir: str, store_process: bool = True) -> float:
+def steady_rate(first: tuple[float, int] | None, ended: float, n: int) -> float:
+    """Records per second from the first records (their time and count) to the last."""
+    if first is None or first[1] >= n or ended <= first[0]:
+        return float("nan")
+    return (n - first[1]) / (ended - first[0])
+
+
+def trainer(bus, starts: dict, n: int, workdir: str, store_process: bool = True) -> Run:
     from rlhf.trainer.consume import FeedbackConsumer
     from rlhf.trainer.dataset import Dataset
 
@@ -94,16 +125,23 @@ def trainer(bus, starts: dict, n: int, workdir: str, store_process: bool = True)
     dataset.mark_start(dict(starts))
     consumer = FeedbackConsumer(bus, dataset, group=f"bench-trainer-{uuid.uuid4().hex[:6]}", max_records=2000,
                                 housekeeping_s=60, store_process=store_process)
+    cpu, children = time.process_time(), children_cpu()
     started = time.perf_counter()
     consumer.start()
-    while sum(consumer.consumed.values()) < n:
+    first = None
+    while (got := sum(consumer.consumed.values())) < n:
+        if first is None and got:
+            first = (time.perf_counter(), got)
         time.sleep(0.005)
-    elapsed = time.perf_counter() - started
-    consumer.stop()
+    ended = time.perf_counter()
+    elapsed = ended - started
+    cpu = time.process_time() - cpu
+    consumer.stop()  # ends the store process: its CPU is counted once it is waited for
+    store_cpu = children_cpu() - children
     sizes = dataset.sizes()
     assert sizes["responses"] >= n // 3 and sizes.get("feedback_used", 0) >= n - n // 3 - 1, sizes
     dataset.close()
-    return elapsed
+    return Run(elapsed, cpu, store_cpu, steady_rate(first, ended, n))
 
 
 def retraining(per: list[int], workdir: str) -> list[dict]:
@@ -161,17 +199,35 @@ def main() -> int:
         bus.ensure_topics(topics.platform_topics(partitions=3))
         written = produce(bus, args.records)
         n = written["records"]
-        raws, trainers = [], []
+        raws, trainers, cpu = [], [], {"raw": [], "trainer": [], "store_process": []}
+        steady: dict[str, list[float]] = {"raw": [], "trainer": []}
         for _ in range(args.repeats):
-            raws.append(n / raw(bootstrap, written["starts"], n))
-            trainers.append(n / trainer(bus, written["starts"], n, workdir, store_process=not args.store_thread))
-            print(f"raw {raws[-1]:9.0f} records/s   trainer {trainers[-1]:9.0f} records/s")
+            r = raw(bootstrap, written["starts"], n)
+            t = trainer(bus, written["starts"], n, workdir, store_process=not args.store_thread)
+            raws.append(n / r.seconds)
+            trainers.append(n / t.seconds)
+            steady["raw"].append(r.steady_records_per_s)
+            steady["trainer"].append(t.steady_records_per_s)
+            for key, seconds in (("raw", r.cpu_s), ("trainer", t.cpu_s), ("store_process", t.store_cpu_s)):
+                cpu[key].append(seconds * 1e6 / n)
+            print(f"raw {raws[-1]:9.0f} records/s   trainer {trainers[-1]:9.0f} records/s   CPU per record: raw "
+                  f"{cpu['raw'][-1]:.1f} us, trainer {cpu['trainer'][-1]:.1f} us + store process "
+                  f"{cpu['store_process'][-1]:.1f} us; steady: raw {steady['raw'][-1]:.0f}, trainer "
+                  f"{steady['trainer'][-1]:.0f} records/s")
         bus.close(10)
         result.update({"raw_records_per_s": statistics.median(raws), "trainer_records_per_s": statistics.median(trainers),
                        "ratio": statistics.median(trainers) / statistics.median(raws), "runs": {"raw": raws,
-                                                                                                "trainer": trainers}})
+                                                                                                "trainer": trainers},
+                       "cpu_us_per_record": {k: statistics.median(v) for k, v in cpu.items()}, "cpu_runs": cpu,
+                       "steady_records_per_s": {k: statistics.median(v) for k, v in steady.items()},
+                       "steady_runs": steady})
+        result["steady_ratio"] = result["steady_records_per_s"]["trainer"] / result["steady_records_per_s"]["raw"]
         print(f"median: raw {result['raw_records_per_s']:.0f}, trainer {result['trainer_records_per_s']:.0f} "
-              f"records/s, ratio {result['ratio']:.2f}")
+              f"records/s, ratio {result['ratio']:.2f}; CPU per record: raw {result['cpu_us_per_record']['raw']:.1f} "
+              f"us, trainer {result['cpu_us_per_record']['trainer']:.1f} us + store process "
+              f"{result['cpu_us_per_record']['store_process']:.1f} us (its start included)")
+        print(f"steady (from the first records on): raw {result['steady_records_per_s']['raw']:.0f}, trainer "
+              f"{result['steady_records_per_s']['trainer']:.0f} records/s, ratio {result['steady_ratio']:.2f}")
     sizes = [int(x) for x in args.rm_comparisons.split(",") if x.strip() and int(x) > 0]
     result["retraining"] = retraining(sizes, workdir) if sizes else []
     result["load_after"] = os.getloadavg()

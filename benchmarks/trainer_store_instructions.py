@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Instructions per record of ``Dataset.store`` (the trainer's store stage) on ``trainer_consume.py``'s mix of
+records, counted by valgrind's cachegrind: deterministic, unlike timings on a shared 2-core machine, so that a change
+to the store can be measured on its own (``trainer_consume.py`` measures the whole consumption against Kafka).
+
+    python benchmarks/trainer_store_instructions.py --records 6000      # needs valgrind (Debian's package)
+
+It runs itself twice under cachegrind, once storing the batches and once only building them, and divides the
+difference by the number of records. Batches are 2,000 records, responses and feedback interleaved 500 at a time
+(so that some rankings wait for responses of the next batch, as when partitions move at different speeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def batches(n: int) -> list:
+    from rlhf.bus import topics
+    from rlhf.bus.base import Message
+    from support.trainer_records import demonstration, feedback_record, ranking, served
+
+    third = n // 3
+    responses = [served(f"r{i}", f"prompt {i // 2}", f"answer {i}") for i in range(third)]
+    events = [ranking(f"k{i}", f"r{2 * i}", f"r{2 * i + 1}") for i in range(third // 2)]
+    events += [demonstration(f"d{i}", f"prompt {i}", f"the ideal answer {i}")
+               for i in range(n - 2 * third + third // 2)]
+    by_topic = [[Message(topics.RESPONSES, 0, i, r.response_id.encode(), r.SerializeToString())
+                 for i, r in enumerate(responses)],
+                [Message(topics.FEEDBACK, 0, i, e.event_id.encode(), feedback_record(e).SerializeToString())
+                 for i, e in enumerate(events)]]
+    messages = []
+    for start in range(0, max(map(len, by_topic)), 500):
+        for records in by_topic:
+            messages += records[start:start + 500]
+    return [messages[i:i + 2000] for i in range(0, len(messages), 2000)]
+
+
+def child(n: int, store: bool, sizes: bool = False) -> None:
+    import gc
+
+    from rlhf.trainer.dataset import Dataset
+
+    work = batches(n)
+    dataset = Dataset(os.path.join(tempfile.mkdtemp(prefix="store-instructions-"), "dataset.sqlite"))
+    gc.freeze()  # as the store process does
+    if store:
+        for batch in work:
+            dataset.store(batch, now=1.0)
+    if sizes:  # (for the test; not while counted)
+        print(json.dumps(dataset.sizes(), sort_keys=True))
+    dataset.close()
+
+
+def instructions(n: int, store: bool, out_dir: str) -> int:
+    out = os.path.join(out_dir, f"cachegrind.{int(store)}")
+    proc = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}",
+                           sys.executable, __file__, "--child", str(int(store)), "--records", str(n)],
+                          capture_output=True, text=True, check=True)
+    found = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
+    if not found:
+        raise SystemExit(f"no instruction count in valgrind's output:\n{proc.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=6000)
+    parser.add_argument("--child", type=int, choices=(0, 1), help=argparse.SUPPRESS)
+    parser.add_argument("--print-sizes", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.records, bool(args.child), args.print_sizes)
+        return 0
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed: apt-get install valgrind")
+    with tempfile.TemporaryDirectory() as out_dir:
+        built, stored = instructions(args.records, False, out_dir), instructions(args.records, True, out_dir)
+    print(f"Dataset.store: {(stored - built) / args.records:,.0f} instructions per record ({args.records} records)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
