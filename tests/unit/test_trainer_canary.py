@@ -46,7 +46,7 @@ def save(dataset: Dataset, version: str) -> None:
 
 
 def status(dataset: Dataset, version: str) -> str:
-    return next(v["status"] for v in dataset.versions(kind="policy") if v["version"] == version)
+    return dataset.version(version, kind="policy")["status"]
 
 
 def test_a_worse_canary_is_rolled_back_and_stable_keeps_its_traffic(setup):
@@ -149,3 +149,19 @@ def test_prune_reads_the_versions_again_only_after_a_status_changed(setup, tmp_p
     reads.clear()
     controller.prune(str(tmp_path))
     assert len(reads) == 1
+
+
+def test_rollback_finds_the_earlier_stable_behind_more_than_a_thousand_newer_versions(setup):
+    """A day of PPO saves thousands of versions: the earlier stable one and the stable's own record are found however
+    many came after them (a search of the newest 1,000 used to say there was nothing to roll back to)."""
+    dataset, controller, events = setup
+    save(dataset, "v1")
+    controller.tick()
+    served(dataset, "sft", ["pour water slowly"] * 4, 0)
+    served(dataset, "v1", ["water it every day"] * 4, 100)
+    assert controller.tick().promoted and controller.stable() == "v1"
+    for i in range(1200):  # superseded canaries, many with the same creation time
+        dataset.put_version(f"w{i:04d}", "policy", "superseded", {"uri": f"policy/w{i:04d}"})
+    assert controller.rollback() == "sft"
+    assert events[-1].version.version == "sft" and events[-1].version.uri == "sft"
+    assert controller.stable() == "sft" and status(dataset, "v1") == "rolled_back"

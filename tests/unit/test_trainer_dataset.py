@@ -141,3 +141,14 @@ def test_batches_larger_than_a_statement_keep_their_order_and_store_a_resent_rec
     assert out.stored["response"] == n and out.duplicates["response"] == 1 and out.stored["ranking"] == n
     assert dataset.sizes()["responses"] == 2 * n
     assert [c.comparison.sources for c in dataset.comparisons()] == [(f"k{i}",) for i in range(n)]
+
+
+def test_versions_are_found_and_listed_past_any_page(dataset):
+    for i in range(1234):  # many with the same creation time: pages break ties by insertion order
+        dataset.put_version(f"v{i:04d}", "policy" if i % 3 else "reward", "saved", {"n": i})
+    listed = [v["version"] for v in dataset.versions(limit=100_000)]
+    assert [v["version"] for v in dataset.iter_versions(page=100)] == listed
+    assert listed[0] == "v1233" and listed[-1] == "v0000"
+    assert [v["n"] for v in dataset.iter_versions(kind="reward", page=7)] == list(range(1233, -1, -3))
+    assert dataset.version("v0000")["n"] == 0 and dataset.version("v0000", kind="reward")["kind"] == "reward"
+    assert dataset.version("v0000", kind="policy") is None and dataset.version("nope") is None

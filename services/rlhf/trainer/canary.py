@@ -91,8 +91,7 @@ class CanaryController:
         self.dataset.set_state(STABLE_KEY, version)
 
     def _record(self, version: str) -> dict | None:
-        found = [v for v in self.dataset.versions(kind="policy", limit=1000) if v["version"] == version]
-        return found[0] if found else None
+        return self.dataset.version(version, kind="policy")
 
     def _set_status(self, record: dict, status: str, **extra: object) -> None:
         rest = {k: v for k, v in record.items() if k not in ("version", "kind", "status", "created_at")}
@@ -222,11 +221,10 @@ class CanaryController:
             self._set_status(record, ROLLED_BACK)
             self.dataset.set_state(STATE_KEY, "")
             return stable
-        stables = [v for v in self.dataset.versions(kind="policy", limit=1000)
-                   if v["status"] == SUPERSEDED and v.get("was_stable") and not v.get("pruned")]
-        if not stable or not stables:
+        target = next((v for v in self.dataset.iter_versions(kind="policy", status=SUPERSEDED)
+                       if v.get("was_stable") and not v.get("pruned")), None)
+        if not stable or target is None:
             raise LookupError("no policy canary and no earlier stable version to roll back to")
-        target = stables[0]
         self._event(target, events_pb2.MODEL_ACTION_ROLLED_BACK, previous=stable)
         current = self._record(stable)
         if current is not None:

@@ -640,6 +640,43 @@ class Dataset:
             db.execute("INSERT INTO versions VALUES(?,?,?,?,?) ON CONFLICT(version) DO UPDATE SET status=excluded.status, "
                        "record=excluded.record", (version, kind, status, time.time(), json.dumps(record)))
 
+    @staticmethod
+    def _version_record(v: str, k: str, s: str, t: float, rec: str) -> dict:
+        return {**json.loads(rec), "version": v, "kind": k, "status": s, "created_at": t}
+
+    def version(self, name: str, kind: str | None = None) -> dict | None:
+        """One version's record (as :meth:`versions` gives it), however many came after it; None if there is none
+        of that name (and kind)."""
+        row = self._db().execute("SELECT version, kind, status, created_at, record FROM versions WHERE version=?",
+                                 (name,)).fetchone()
+        if row is None or (kind and row[1] != kind):
+            return None
+        return self._version_record(*row)
+
+    def iter_versions(self, kind: str | None = None, status: str | None = None,
+                      page: int = 500) -> Iterator[dict]:
+        """Every version, newest first, read ``page`` at a time (for a search that may reach past the newest
+        thousand: a day of PPO saves thousands of policy versions)."""
+        sql = "SELECT version, kind, status, created_at, record, rowid FROM versions WHERE 1=1"
+        args: list = []
+        if kind:
+            sql += " AND kind=?"
+            args.append(kind)
+        if status:
+            sql += " AND status=?"
+            args.append(status)
+        after: tuple[float, int] | None = None
+        while True:
+            keyset = " AND (created_at < ? OR (created_at = ? AND rowid < ?))" if after else ""
+            rows = self._db().execute(
+                sql + keyset + " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                [*args, *((after[0], after[0], after[1]) if after else ()), page]).fetchall()
+            for *row, _ in rows:
+                yield self._version_record(*row)
+            if len(rows) < page:
+                return
+            after = (rows[-1][3], rows[-1][5])
+
     def versions(self, kind: str | None = None, status: str | None = None, limit: int = 100) -> list[dict]:
         """Newest first: each the record given to put_version plus ``version``, ``kind``, ``status``, ``created_at``."""
         sql = "SELECT version, kind, status, created_at, record FROM versions WHERE 1=1"
@@ -652,8 +689,7 @@ class Dataset:
             args.append(status)
         sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
         args.append(limit)
-        return [{**json.loads(rec), "version": v, "kind": k, "status": s, "created_at": t}
-                for v, k, s, t, rec in self._db().execute(sql, args)]
+        return [self._version_record(*row) for row in self._db().execute(sql, args)]
 
     # ------------------------------------------------------------------------------------------ served traffic
 

@@ -129,8 +129,7 @@ class RewardVersionTrainer:
         name = self.dataset.get_state(CURRENT_REWARD)
         if not name:
             return None
-        found = [v for v in self.dataset.versions(kind="reward", limit=1000) if v["version"] == name]
-        return found[0] if found else None
+        return self.dataset.version(name, kind="reward")
 
     def new_comparisons(self) -> int:
         current = self.current()
@@ -263,11 +262,10 @@ class RewardVersionTrainer:
         current = self.current()
         if current is None:
             raise LookupError("no reward-model version is current; nothing to roll back")
-        published = self.dataset.versions(kind="reward", status=PUBLISHED, limit=1000)  # newest first
-        older = [v for v in published if v["created_at"] < current["created_at"] and v["version"] != current["version"]]
-        if not older:
+        target = next((v for v in self.dataset.iter_versions(kind="reward", status=PUBLISHED)  # newest first
+                       if v["created_at"] < current["created_at"] and v["version"] != current["version"]), None)
+        if target is None:
             raise LookupError(f"{current['version']} is the first published reward-model version; nothing before it")
-        target = older[0]
         mv = version_to_proto(target)
         self._publish(mv, events_pb2.MODEL_ACTION_ROLLED_BACK, previous=current["version"])
         self.dataset.set_state(CURRENT_REWARD, target["version"])
@@ -276,12 +274,12 @@ class RewardVersionTrainer:
 
     def promote(self, version: str, traffic_percent: int) -> common_pb2.ModelVersion:
         """A published reward version becomes current (reward models take all traffic: no canary)."""
-        found = [v for v in self.dataset.versions(kind="reward", limit=1000) if v["version"] == version]
-        if not found:
+        found = self.dataset.version(version, kind="reward")
+        if found is None:
             raise KeyError(version)
-        if found[0]["status"] != PUBLISHED:
-            raise ValueError(f"{version} is {found[0]['status']}: only a published version can be promoted")
-        mv = version_to_proto(found[0])
+        if found["status"] != PUBLISHED:
+            raise ValueError(f"{version} is {found['status']}: only a published version can be promoted")
+        mv = version_to_proto(found)
         current = self.current()
         self._publish(mv, events_pb2.MODEL_ACTION_PROMOTED, previous=current["version"] if current else "",
                       traffic_percent=traffic_percent)

@@ -258,8 +258,7 @@ class TrainerComponent(ServiceComponent):
         return self.policy_record(version) is not None
 
     def policy_record(self, version: str) -> dict | None:
-        found = [v for v in self.dataset.versions(kind="policy", limit=1000) if v["version"] == version]
-        return found[0] if found else None
+        return self.dataset.version(version, kind="policy")
 
     def _parent(self, requested: str) -> tuple[str, str]:
         """(version, uri) a run starts from: the requested version, else the served stable one, else
@@ -381,8 +380,8 @@ class TrainerComponent(ServiceComponent):
         last = self.dataset.get_state("policy.served_reward_model") or ""
         if not rm or rm == last:
             return
-        rms = {v["version"]: v for v in self.dataset.versions(kind="reward", limit=1000)}
-        current, previous = rms.get(rm), rms.get(last)
+        current = self.dataset.version(rm, kind="reward")
+        previous = self.dataset.version(last, kind="reward") if last else None
         if current is not None:
             after = previous["created_at"] if previous is not None else 0.0
             for stored_at in self.dataset.feedback_stored_between(after, current["created_at"]):
