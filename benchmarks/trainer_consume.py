@@ -40,20 +40,15 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def produce(bus, n: int) -> dict:
-    """n records (a third each: served responses, rankings, demonstrations); returns the start offsets."""
+    """n records (``consumption_mix``) written to their topics; returns the start offsets and the count."""
     from rlhf.bus import topics
-    from support.trainer_records import demonstration, feedback_record, ranking, served
+    from support.trainer_records import consumption_mix, feedback_record
 
     consumer = bus.consumer([topics.RESPONSES, topics.FEEDBACK], f"bench-probe-{uuid.uuid4().hex[:6]}")
     parts = {topic: range(len_partitions(bus, topic)) for topic in (topics.RESPONSES, topics.FEEDBACK)}
     starts = consumer.end_offsets([(t, p) for t, ps in parts.items() for p in ps])
     consumer.close()
-    run = uuid.uuid4().hex[:6]
-    third = n // 3
-    responses = [served(f"b{run}-r{i}", f"prompt {i // 2}", f"answer {i}") for i in range(third)]
-    events = [ranking(f"b{run}-k{i}", f"b{run}-r{2 * i}", f"b{run}-r{2 * i + 1}") for i in range(third // 2)]
-    events += [demonstration(f"b{run}-d{i}", f"prompt {i}", f"the ideal answer {i}") for i in range(n - 2 * third
-                                                                                                    + third // 2)]
+    responses, events = consumption_mix(n, prefix=f"b{uuid.uuid4().hex[:6]}-")
     for topic, records in ((topics.RESPONSES, [(r.SerializeToString(), r.response_id.encode()) for r in responses]),
                            (topics.FEEDBACK, [(feedback_record(e).SerializeToString(), e.event_id.encode())
                                               for e in events])):

@@ -28,13 +28,9 @@ sys.path.insert(0, str(REPO / "tests"))
 def batches(n: int) -> list:
     from rlhf.bus import topics
     from rlhf.bus.base import Message
-    from support.trainer_records import demonstration, feedback_record, ranking, served
+    from support.trainer_records import consumption_mix, feedback_record
 
-    third = n // 3
-    responses = [served(f"r{i}", f"prompt {i // 2}", f"answer {i}") for i in range(third)]
-    events = [ranking(f"k{i}", f"r{2 * i}", f"r{2 * i + 1}") for i in range(third // 2)]
-    events += [demonstration(f"d{i}", f"prompt {i}", f"the ideal answer {i}")
-               for i in range(n - 2 * third + third // 2)]
+    responses, events = consumption_mix(n)
     by_topic = [[Message(topics.RESPONSES, 0, i, r.response_id.encode(), r.SerializeToString())
                  for i, r in enumerate(responses)],
                 [Message(topics.FEEDBACK, 0, i, e.event_id.encode(), feedback_record(e).SerializeToString())

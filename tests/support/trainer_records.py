@@ -71,6 +71,18 @@ def feedback_message(e: feedback_pb2.FeedbackEvent, partition: int = 0) -> Messa
     return message(topics.FEEDBACK, feedback_record(e).SerializeToString(), partition)
 
 
+def consumption_mix(n: int, prefix: str = "") -> tuple[list[events_pb2.ServedResponse],
+                                                       list[feedback_pb2.FeedbackEvent]]:
+    """The consumption benchmarks' n records: a third served responses (two to a prompt), a sixth rankings of two
+    of them, the rest demonstrations; ids start with ``prefix``."""
+    third = n // 3
+    responses = [served(f"{prefix}r{i}", f"prompt {i // 2}", f"answer {i}") for i in range(third)]
+    events = [ranking(f"{prefix}k{i}", f"{prefix}r{2 * i}", f"{prefix}r{2 * i + 1}") for i in range(third // 2)]
+    events += [demonstration(f"{prefix}d{i}", f"prompt {i}", f"the ideal answer {i}")
+               for i in range(n - 2 * third + third // 2)]
+    return responses, events
+
+
 def split_prefix(stem: str, n: int, share: float, at_least: int) -> str:
     """A fresh ``stem-xxxxxx`` prefix whose ``n`` simulated ranking events (ids ``{prefix}-e{i}``, as
     :func:`simulated_rankings` names them) put at least ``at_least`` in the held-out split and at least ``at_least``

@@ -146,7 +146,7 @@ def _letter(event_id: str, payload: bytes, topic: str, partition: int, offset: i
 
 class _Rows:
     """The rows of one transaction, by table, as plain tuples (no dataclass per record: building rows is most of a
-    record's cost), written at its end with one ``executemany`` each.
+    record's cost), written at its end with a few multi-row statements per table (:func:`_insert_rows`).
 
     ``assumed_new``: the batch's responses and feedback events are taken to be new without looking them up (the
     usual case: records below the stored offsets were skipped already) and written with plain ``INSERT``
@@ -206,6 +206,8 @@ class _Rows:
         if self.outbox:
             db.executemany("INSERT INTO outbox(event_id, payload) VALUES(?,?)", self.outbox)
 
+
+_VERSION_COLUMNS = "version, kind, status, created_at, record"
 
 _ROWS_PER_INSERT = 64  # rows per multi-row INSERT (a statement per chunk size, cached by the connection)
 
@@ -298,8 +300,8 @@ class Dataset:
     # ------------------------------------------------------------------------------------------ storing
 
     def store(self, messages: Sequence[Message], now: float | None = None) -> StoreOutcome:
-        """Steps 1-4 of the module docstring, in one transaction. Rows are gathered per table and written with one
-        ``executemany`` each, and lookups are one query per batch, not per record. The records are first stored as
+        """Steps 1-4 of the module docstring, in one transaction. Rows are gathered per table and written together at the
+        end (:func:`_insert_rows`), and lookups are one query per batch, not per record. The records are first stored as
         new without looking their ids up (a savepoint); should one have been stored before, that attempt is rolled
         back and the batch stored again with the lookups (see :class:`_Rows`)."""
         now = time.time() if now is None else now
@@ -647,17 +649,17 @@ class Dataset:
     def version(self, name: str, kind: str | None = None) -> dict | None:
         """One version's record (as :meth:`versions` gives it), however many came after it; None if there is none
         of that name (and kind)."""
-        row = self._db().execute("SELECT version, kind, status, created_at, record FROM versions WHERE version=?",
-                                 (name,)).fetchone()
+        row = self._db().execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE version=?", (name,)).fetchone()
         if row is None or (kind and row[1] != kind):
             return None
         return self._version_record(*row)
 
     def iter_versions(self, kind: str | None = None, status: str | None = None,
                       page: int = 500) -> Iterator[dict]:
-        """Every version, newest first, read ``page`` at a time (for a search that may reach past the newest
-        thousand: a day of PPO saves thousands of policy versions)."""
-        sql = "SELECT version, kind, status, created_at, record, rowid FROM versions WHERE 1=1"
+        """Every version, newest first (each the record given to put_version plus ``version``, ``kind``,
+        ``status``, ``created_at``), read ``page`` at a time: a search may reach past the newest thousand, since a
+        day of PPO saves thousands of policy versions."""
+        sql = f"SELECT {_VERSION_COLUMNS}, rowid FROM versions WHERE 1=1"
         args: list = []
         if kind:
             sql += " AND kind=?"
@@ -665,6 +667,7 @@ class Dataset:
         if status:
             sql += " AND status=?"
             args.append(status)
+        page = max(1, page)
         after: tuple[float, int] | None = None
         while True:
             keyset = " AND (created_at < ? OR (created_at = ? AND rowid < ?))" if after else ""
@@ -678,18 +681,8 @@ class Dataset:
             after = (rows[-1][3], rows[-1][5])
 
     def versions(self, kind: str | None = None, status: str | None = None, limit: int = 100) -> list[dict]:
-        """Newest first: each the record given to put_version plus ``version``, ``kind``, ``status``, ``created_at``."""
-        sql = "SELECT version, kind, status, created_at, record FROM versions WHERE 1=1"
-        args: list = []
-        if kind:
-            sql += " AND kind=?"
-            args.append(kind)
-        if status:
-            sql += " AND status=?"
-            args.append(status)
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        args.append(limit)
-        return [self._version_record(*row) for row in self._db().execute(sql, args)]
+        """The newest ``limit`` of :meth:`iter_versions` (one query)."""
+        return list(itertools.islice(self.iter_versions(kind, status, page=limit), max(0, limit)))
 
     # ------------------------------------------------------------------------------------------ served traffic
 
