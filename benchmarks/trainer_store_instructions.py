@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Instructions per record of ``Dataset.store`` (the trainer's store stage) on ``trainer_consume.py``'s mix of
+"""Instructions per record of ``Dataset.store_partitions`` (the trainer's store stage) on ``trainer_consume.py``'s mix of
 records, counted by valgrind's cachegrind: deterministic, unlike timings on a shared 2-core machine, so that a change
 to the store can be measured on its own (``trainer_consume.py`` measures the whole consumption against Kafka).
 
@@ -25,9 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def batches(n: int) -> list:
+ORDERS = ("interleaved", "feedback-first")
+
+
+def batches(n: int, order: str = "interleaved") -> list:
+    """The mix in batches of 2,000 as the consumer hands them to the store. ``interleaved``: 500 responses, 500
+    feedback records, and so on (some rankings wait a batch for their responses); ``feedback-first``: every feedback
+    record before any response, as Kafka's fetcher delivered ``trainer_consume.py``'s backlog (a partition at a
+    time, the feedback topic's first), so that every ranking waits (the join index's worst case)."""
     from rlhf.bus import topics
     from rlhf.bus.base import Message
+    from rlhf.trainer.dataset import partition_records
     from support.trainer_records import consumption_mix, feedback_record
 
     responses, events = consumption_mix(n)
@@ -36,32 +44,37 @@ def batches(n: int) -> list:
                 [Message(topics.FEEDBACK, 0, i, e.event_id.encode(), feedback_record(e).SerializeToString())
                  for i, e in enumerate(events)]]
     messages = []
-    for start in range(0, max(map(len, by_topic)), 500):
-        for records in by_topic:
-            messages += records[start:start + 500]
-    return [messages[i:i + 2000] for i in range(0, len(messages), 2000)]
+    if order == "feedback-first":
+        messages = by_topic[1] + by_topic[0]
+    else:
+        for start in range(0, max(map(len, by_topic)), 500):
+            for records in by_topic:
+                messages += records[start:start + 500]
+    # (as the consumer hands them over: a poll's records as columns, one PartitionRecords a partition)
+    return [partition_records(messages[i:i + 2000]) for i in range(0, len(messages), 2000)]
 
 
-def child(n: int, store: bool, sizes: bool = False) -> None:
+def child(n: int, store: bool, sizes: bool = False, order: str = "interleaved") -> None:
     import gc
 
     from rlhf.trainer.dataset import Dataset
 
-    work = batches(n)
+    work = batches(n, order)
     dataset = Dataset(os.path.join(tempfile.mkdtemp(prefix="store-instructions-"), "dataset.sqlite"))
     gc.freeze()  # as the store process does
     if store:
         for batch in work:
-            dataset.store(batch, now=1.0)
+            dataset.store_partitions(batch, now=1.0)
     if sizes:  # (for the test; not while counted)
         print(json.dumps(dataset.sizes(), sort_keys=True))
     dataset.close()
 
 
-def instructions(n: int, store: bool, out_dir: str) -> int:
+def instructions(n: int, store: bool, out_dir: str, order: str) -> int:
     out = os.path.join(out_dir, f"cachegrind.{int(store)}")
     proc = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}",
-                           sys.executable, __file__, "--child", str(int(store)), "--records", str(n)],
+                           sys.executable, __file__, "--child", str(int(store)), "--records", str(n),
+                           "--order", order],
                           capture_output=True, text=True, check=True)
     found = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
     if not found:
@@ -73,16 +86,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=6000)
     parser.add_argument("--child", type=int, choices=(0, 1), help=argparse.SUPPRESS)
+    parser.add_argument("--order", choices=ORDERS + ("both",), default="both",
+                        help="the records' order (see batches()); both: each in turn")
     parser.add_argument("--print-sizes", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.records, bool(args.child), args.print_sizes)
+        child(args.records, bool(args.child), args.print_sizes, args.order)
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
-    with tempfile.TemporaryDirectory() as out_dir:
-        built, stored = instructions(args.records, False, out_dir), instructions(args.records, True, out_dir)
-    print(f"Dataset.store: {(stored - built) / args.records:,.0f} instructions per record ({args.records} records)")
+    for order in ORDERS if args.order == "both" else (args.order,):
+        with tempfile.TemporaryDirectory() as out_dir:
+            built = instructions(args.records, False, out_dir, order)
+            stored = instructions(args.records, True, out_dir, order)
+        print(f"Dataset.store_partitions, {order}: {(stored - built) / args.records:,.0f} instructions per record "
+              f"({args.records} records)")
     return 0
 
 

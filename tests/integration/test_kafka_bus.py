@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from rlhf.bus import bus_from_url
-from rlhf.bus.base import BusError, BusUnavailable, RecordMetadata, TopicSpec
-from rlhf.bus.kafka import KafkaBus, KafkaConfig, _SendFuture
+from rlhf.bus.base import BusError, BusUnavailable, PartitionRecords, RecordMetadata, TopicSpec
+from rlhf.bus.kafka import KafkaBus, KafkaConfig, KafkaGroupConsumer, _SendFuture
 from rlhf.bus.partitioning import partition_for_key
-from unit.test_memory_bus import BusContract, poll_quiet, poll_until
+from unit.test_memory_bus import BusContract, check_columns, poll_partitions_until, poll_quiet, poll_until
 
 
 def kafka_config(bootstrap: str, **overrides: Any) -> KafkaConfig:
@@ -295,7 +295,95 @@ def test_send_batch_survives_the_broker_splitting_a_batch_too_large(
     assert [m.value for m in got] == [b"warm"] + [v for v, _ in records]
 
 
+def test_poll_partitions_builds_its_columns_without_poll_or_a_message(
+    bus: KafkaBus, topic_name: str, group_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KafkaGroupConsumer.poll_partitions reads kafka-python's records directly (not Consumer's default on top of
+    poll, which builds a Message per record), and returns what poll returns to another group."""
+    bus.ensure_topics([TopicSpec(topic_name, partitions=3)])
+    records = [(b"v%d" % i, b"k%d" % (i % 7)) for i in range(300)]
+    bus.send_batch(topic_name, records).result(60)
+    with bus.consumer([topic_name], group_id) as consumer:
+        by_poll = {(m.partition, m.offset): m.value for m in poll_until(consumer, len(records))}
+    assert len(by_poll) == len(records)
+
+    def no_message(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("poll_partitions built a Message")
+
+    monkeypatch.setattr("rlhf.bus.kafka.Message", no_message)
+    with bus.consumer([topic_name], group_id + "-columns") as consumer:
+        assert isinstance(consumer, KafkaGroupConsumer)
+        monkeypatch.setattr(consumer, "poll", no_message)
+        polls = poll_partitions_until(consumer, len(records), max_records=64)
+    assert max(sum(len(r.offsets) for r in batch) for batch in polls) <= 64
+    assert check_columns(polls, topic_name) == by_poll
+
+
 # --------------------------------------------------------------------------------------------- no broker needed
+
+
+class FakeKafkaConsumer:
+    """The part of kafka.KafkaConsumer that KafkaGroupConsumer.poll / poll_partitions / close use."""
+
+    def __init__(self, result: dict | BaseException) -> None:
+        self.result = result
+        self.calls: list[tuple[int, int]] = []
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict:
+        self.calls.append((timeout_ms, max_records))
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+    def close(self, autocommit: bool, timeout_ms: int) -> None:
+        pass
+
+
+def test_kafka_poll_partitions_maps_kafka_pythons_records_and_errors() -> None:
+    import kafka.errors as kerr
+    from kafka.consumer.fetcher import ConsumerRecord
+    from kafka.structs import TopicPartition
+
+    def record(partition: int, offset: int, value: bytes) -> ConsumerRecord:
+        return ConsumerRecord("t", partition, -1, offset, 1_700_000_000_000, 0, b"key", value, [], None, 3,
+                              len(value), -1)
+
+    fake = FakeKafkaConsumer({
+        TopicPartition("t", 2): [record(2, 7, b"x"), record(2, 8, b"y")],
+        TopicPartition("t", 1): [],  # (kafka-python leaves these out; a partition without records is left out)
+        TopicPartition("t", 0): [record(0, 3, b"z")],
+    })
+    consumer = KafkaGroupConsumer(fake, request_timeout_s=1.0)  # type: ignore[arg-type]
+    assert consumer.poll_partitions(timeout_s=0.25, max_records=9) == [
+        PartitionRecords("t", 2, [7, 8], [b"x", b"y"]),
+        PartitionRecords("t", 0, [3], [b"z"]),
+    ]
+    assert fake.calls == [(250, 9)]
+    # The same records as poll's.
+    assert [(m.partition, m.offset, m.value) for m in consumer.poll()] == [(2, 7, b"x"), (2, 8, b"y"), (0, 3, b"z")]
+    assert fake.calls[-1] == (1000, 500)
+
+    for bad in ({"max_records": 0}, {"max_records": 1.5}, {"timeout_s": -1}):
+        with pytest.raises(ValueError):
+            consumer.poll_partitions(**bad)  # type: ignore[arg-type]
+    assert len(fake.calls) == 2  # refused before reaching kafka-python
+
+    fake.result = kerr.KafkaConnectionError("broker gone")
+    with pytest.raises(BusUnavailable, match="poll failed: KafkaConnectionError.*broker gone") as unavailable:
+        consumer.poll_partitions()
+    assert isinstance(unavailable.value.__cause__, kerr.KafkaConnectionError)
+    fake.result = kerr.IllegalStateError("not subscribed")
+    with pytest.raises(BusError, match="poll failed: IllegalStateError") as err:
+        consumer.poll_partitions()
+    assert not isinstance(err.value, BusUnavailable)
+
+    consumer.close()
+    calls = len(fake.calls)
+    with pytest.raises(BusError, match="closed consumer"):
+        consumer.poll_partitions()
+    assert len(fake.calls) == calls
+
+
 
 
 def test_config_validation_says_what_to_fix() -> None:

@@ -23,6 +23,7 @@ from rlhf.serving.server import ServiceHost
 from rlhf.sim import world_texts
 from rlhf.trainer import convert
 from rlhf.trainer.config import TrainerConfig
+from rlhf.trainer.dataset import Dataset
 from rlhf.trainer.servicer import TrainerComponent
 from rlhf.v1 import common_pb2, events_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from support.hosting import HostThread
@@ -386,10 +387,12 @@ def test_a_trainer_killed_while_consuming_loses_and_doubles_nothing(tmp_path, ka
         in_dataset = [e for (e,) in db.execute("SELECT event_id FROM feedback WHERE event_id LIKE ?", (f"{prefix}-%",))]
         comparisons = [json_sources for (json_sources,) in db.execute(
             "SELECT sources FROM comparisons WHERE sources LIKE ?", (f'%"{prefix}-%',))]
-        demos = [s for (s,) in db.execute("SELECT source FROM demonstrations WHERE source LIKE ?", (f"{prefix}-%",))]
     assert sorted({r.event.event_id for r in on_topic}) == sorted(in_dataset)
     assert len(in_dataset) == len(set(in_dataset)) == total
     assert len(comparisons) == len(produced_rankings)  # each ranking became one comparison, once
+    reader = Dataset(config.dataset_path)
+    demos = [d.source for d in reader.demonstrations() if d.source.startswith(f"{prefix}-")]
+    reader.close()
     assert sorted(demos) == sorted(produced_demos)  # each demonstration once
     assert log_path.read_text(errors="replace").count("serving rlhf.v1.TrainerService") == 6  # 5 restarts
 

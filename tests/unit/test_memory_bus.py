@@ -18,7 +18,7 @@ import pytest
 
 from rlhf.bus import InMemoryBus, bus_from_url, topics
 from rlhf.bus.base import (
-    Bus, BusError, BusUnavailable, Consumer, Message, RebalanceListener, RecordMetadata, TopicSpec,
+    Bus, BusError, BusUnavailable, Consumer, Message, PartitionRecords, RebalanceListener, RecordMetadata, TopicSpec,
 )
 from rlhf.bus.partitioning import partition_for_key
 
@@ -33,6 +33,36 @@ def poll_until(consumer: Consumer, want: int, timeout_s: float = 30.0,
             raise AssertionError(f"got {len(got)} of {want} records within {timeout_s}s")
         got.extend(consumer.poll(timeout_s=0.5))
     return got
+
+
+def poll_partitions_until(consumer: Consumer, want: int, timeout_s: float = 30.0,
+                          max_records: int = 500) -> list[list[PartitionRecords]]:
+    """``poll_partitions`` until ``want`` records arrived, failing after ``timeout_s``: what each poll returned."""
+    polls: list[list[PartitionRecords]] = []
+    deadline = time.monotonic() + timeout_s
+    while sum(len(r.offsets) for batch in polls for r in batch) < want:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"got {sum(len(r.offsets) for b in polls for r in b)} of {want} records "
+                                 f"within {timeout_s}s")
+        polls.append(consumer.poll_partitions(timeout_s=0.5, max_records=max_records))
+    return polls
+
+
+def check_columns(polls: list[list[PartitionRecords]], topic: str) -> dict[tuple[int, int], bytes]:
+    """Assert the shape poll_partitions promises for every poll (one entry per partition, none empty, offsets
+    ascending, one value per offset, nothing twice); the records by (partition, offset)."""
+    records: dict[tuple[int, int], bytes] = {}
+    for batch in polls:
+        assert all(type(r) is PartitionRecords for r in batch), batch
+        assert len({r.partition for r in batch}) == len(batch), f"a partition twice in one poll: {batch}"
+        for r in batch:
+            assert r.topic == topic
+            assert r.offsets and len(r.values) == len(r.offsets)
+            assert r.offsets == sorted(set(r.offsets)), f"offsets not strictly ascending: {r.offsets}"
+            for offset, value in zip(r.offsets, r.values):
+                assert (r.partition, offset) not in records, f"{(r.partition, offset)} returned twice"
+                records[(r.partition, offset)] = value
+    return records
 
 
 def key_for_partition(partition: int, partitions: int) -> bytes:
@@ -375,6 +405,74 @@ class BusContract:
             assert consumer.poll(timeout_s=0.3) == []
             assert time.monotonic() - t < 5
 
+    # -- poll_partitions: poll's records as columns per partition
+
+    def test_poll_partitions_returns_the_records_written_by_partition(self, bus: Bus, topic: str,
+                                                                       group_id: str) -> None:
+        """Values at their offsets, in offset order, per partition; a partition without records is left out.
+        A reader returns the same columns."""
+        sent = {}
+        for i in range(30):  # partitions 0 and 2 only, interleaved, different counts
+            p = 0 if i % 3 else 2
+            md = bus.send(topic, b"p%d-%d" % (p, i), key=key_for_partition(p, self.PARTITIONS)).result(30)
+            assert md.partition == p
+            sent[(md.partition, md.offset)] = b"p%d-%d" % (p, i)
+        with bus.consumer([topic], group_id) as consumer:
+            polls = poll_partitions_until(consumer, len(sent))
+            polls.append(consumer.poll_partitions(timeout_s=self.SETTLE_S))  # nothing more, nothing again
+        assert check_columns(polls, topic) == sent
+        assert polls[-1] == []
+        assert {r.partition for batch in polls for r in batch} == {0, 2}
+        # In the order written: partition 0 got 20 records at offsets 0..19, partition 2 got 10 at 0..9.
+        by_partition: dict[int, list[bytes]] = {}
+        for batch in polls:
+            for r in batch:
+                by_partition.setdefault(r.partition, []).extend(r.values)
+        assert by_partition[0] == [b"p0-%d" % i for i in range(30) if i % 3]
+        assert by_partition[2] == [b"p2-%d" % i for i in range(30) if not i % 3]
+        with bus.reader([topic]) as reader:
+            assert check_columns(poll_partitions_until(reader, len(sent)), topic) == sent
+
+    def test_poll_partitions_respects_max_records(self, bus: Bus, topic: str, group_id: str) -> None:
+        sent = {}
+        for i in range(25):
+            md = bus.send(topic, b"v%d" % i, key=b"k%d" % i).result(30)
+            sent[(md.partition, md.offset)] = b"v%d" % i
+        assert len({p for p, _ in sent}) == self.PARTITIONS
+        with bus.consumer([topic], group_id) as consumer:
+            polls = poll_partitions_until(consumer, len(sent), max_records=4)
+            sizes = [sum(len(r.offsets) for r in batch) for batch in polls]
+            assert max(sizes) <= 4, sizes
+            assert sum(sizes) == len(sent)  # nothing lost between the polls, nothing returned twice
+            assert check_columns(polls, topic) == sent
+            assert consumer.poll(timeout_s=self.SETTLE_S) == []  # the positions are past everything returned
+            with pytest.raises(ValueError):
+                consumer.poll_partitions(max_records=0)
+            with pytest.raises(ValueError):
+                consumer.poll_partitions(timeout_s=-1)
+        with pytest.raises(BusError):
+            consumer.poll_partitions()
+
+    def test_commit_after_poll_partitions_commits_past_what_it_returned(self, bus: Bus, topic: str,
+                                                                          group_id: str) -> None:
+        """commit() after a poll_partitions that returned fewer records than there are (max_records) commits past
+        those returned, no further and no less: a new member of the group resumes right after them."""
+        sent = {}
+        for i in range(24):
+            md = bus.send(topic, b"v%d" % i, key=b"k%d" % i).result(30)
+            sent[(md.partition, md.offset)] = b"v%d" % i
+        with bus.consumer([topic], group_id) as consumer:
+            polls = poll_partitions_until(consumer, 1, max_records=5)
+            consumer.commit()
+        first = check_columns(polls, topic)
+        assert 1 <= len(first) <= 5
+        with bus.consumer([topic], group_id) as consumer:
+            polls = poll_partitions_until(consumer, len(sent) - len(first))
+            polls.append(consumer.poll_partitions(timeout_s=self.SETTLE_S))
+        rest = check_columns(polls, topic)
+        assert rest.keys().isdisjoint(first.keys())
+        assert {**first, **rest} == sent
+
     def test_record_too_large_fails_with_bus_error(self, bus: Bus, topic: str) -> None:
         fut = bus.send(topic, b"x" * (2 * 1024 * 1024))
         with pytest.raises(BusError) as err:
@@ -530,6 +628,36 @@ def test_retention_drops_the_oldest_and_a_lagging_consumer_skips_ahead() -> None
     assert 10 <= len(got) <= 11
     assert got[-1].value == b"99" and got[-1].offset == 99
     assert [m.offset for m in got] == list(range(got[0].offset, 100))
+
+
+def test_the_default_poll_partitions_groups_the_records_of_poll() -> None:
+    """Consumer.poll_partitions for a consumer without its own: poll's arguments passed on, its records grouped by
+    (topic, partition) in the order their first record came, each partition's records in poll's order."""
+
+    class Polled(Consumer):
+        def __init__(self, batches: list[list[Message]]) -> None:
+            self.batches = batches
+            self.calls: list[tuple[float, int]] = []
+
+        def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Message]:
+            self.calls.append((timeout_s, max_records))
+            return self.batches.pop(0)
+
+        def commit(self, messages: object = None) -> None: ...
+
+        def close(self) -> None: ...
+
+    def m(topic: str, partition: int, offset: int) -> Message:
+        return Message(topic, partition, offset, b"key", b"%s-%d-%d" % (topic.encode(), partition, offset))
+
+    consumer = Polled([[m("a", 1, 5), m("b", 1, 0), m("a", 1, 6), m("a", 0, 2), m("b", 1, 1), m("a", 1, 7)], []])
+    assert consumer.poll_partitions(0.25, 7) == [
+        PartitionRecords("a", 1, [5, 6, 7], [b"a-1-5", b"a-1-6", b"a-1-7"]),
+        PartitionRecords("b", 1, [0, 1], [b"b-1-0", b"b-1-1"]),
+        PartitionRecords("a", 0, [2], [b"a-0-2"]),
+    ]
+    assert consumer.poll_partitions() == []
+    assert consumer.calls == [(0.25, 7), (1.0, 500)]
 
 
 def test_poll_wakes_up_when_a_record_arrives() -> None:

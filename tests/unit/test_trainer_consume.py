@@ -10,7 +10,7 @@ import pytest
 from rlhf.bus import InMemoryBus, topics
 from rlhf.bus.base import Message
 from rlhf.trainer.consume import FeedbackConsumer, _InlineStore
-from rlhf.trainer.dataset import Dataset, StoreFailed, StoreProcess
+from rlhf.trainer.dataset import Dataset, StoreFailed, StoreProcess, partition_records
 from support.trainer_records import (
     demonstration, feedback_message, feedback_record, pairwise, ranking, response_message, served, thumb,
 )
@@ -36,11 +36,51 @@ def test_many_events_waiting_for_responses_join_in_one_batch(dataset):
     assert sorted(e for e, s in states.items() if s == "used") == sorted(f"w{i}" for i in range(0, n, 2))
     got = {c.comparison.sources: c.comparison.responses for c in dataset.comparisons()}
     assert got[("w4",)] == ("first 4", "second 4") and len(got) == n // 2
-    with sqlite3.connect(dataset.path) as db:  # the odd ones wait for their b only
-        waiting = db.execute("SELECT response_id, event_id FROM waiting ORDER BY event_id").fetchall()
-    assert sorted(waiting) == sorted((f"b{i}", f"w{i}") for i in range(1, n, 2))
-    dataset.store([response_message(served(f"b{i}", f"q{i}", f"second {i}")) for i in range(1, n, 2)])
+    assert sorted(dataset._join.waiting) == sorted(f"b{i}" for i in range(1, n, 2))  # the odd ones wait for b only
+    # A writer opened now rebuilds that from the pending rows (as after a restart) and joins the rest.
+    fresh = Dataset(dataset.path, heldout_share=0.2)
+    out = fresh.store([response_message(served(f"b{i}", f"q{i}", f"second {i}")) for i in range(1, n, 2)])
+    fresh.close()
+    assert out.comparisons == n // 2 and not out.dead
     assert set(dict(dataset.feedback_events()).values()) == {"used"} and dataset.count_comparisons() == n
+
+
+def test_writers_taking_turns_on_one_file_join_what_the_other_left_pending(dataset):
+    """Each writer keeps the pending feedback in memory; a transaction of another writer that changed it (the store
+    process after the consumer's inline store, a restarted trainer, expire) makes that copy stale, and it is read
+    again from the file: nothing waits forever, nothing is converted twice."""
+    other = Dataset(dataset.path)
+    dataset.store([feedback_message(ranking("e1", "r1", "r2")), feedback_message(ranking("e2", "r3", "r4"))])
+    assert other.store([response_message(served("r1", "q1", "a")), response_message(served("r2", "q1", "b")),
+                        feedback_message(ranking("e3", "r5", "r6"))]).comparisons == 1  # e1, pending in the other
+    assert dataset.store([response_message(served("r3", "q2", "c")), response_message(served("r5", "q3", "e"))]
+                         ).comparisons == 0  # e2 and e3 still wait for r4, r6 (e3 was stored by the other)
+    out = other.store([response_message(served("r4", "q2", "d")), response_message(served("r6", "q3", "f"))])
+    assert out.comparisons == 2 and dataset.count_comparisons() == 3
+    assert set(dict(dataset.feedback_events()).values()) == {"used"}
+    assert dataset.store([response_message(served("r7", "q4", "g"))]).comparisons == 0  # nothing converted twice
+    assert dataset.count_comparisons() == 3
+    other.close()
+
+
+def test_a_failed_transaction_leaves_the_join_index_as_the_file_has_it(dataset, monkeypatch):
+    """The join index changes during a transaction; one that fails is rolled back, and so is what it did to the
+    index: the events it resolved still wait, and are converted once the batch is stored."""
+    dataset.store([feedback_message(ranking("e1", "r1", "r2"))])
+    batch = [response_message(served("r1", "q", "a")), response_message(served("r2", "q", "b"))]
+    real = Dataset._bump_join
+
+    def failing(db, index):
+        real(db, index)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Dataset, "_bump_join", staticmethod(failing))
+    with pytest.raises(sqlite3.OperationalError):
+        dataset.store(batch)
+    monkeypatch.undo()
+    assert dict(dataset.feedback_events()) == {"e1": "pending"} and dataset.count_comparisons() == 0
+    assert dataset.store(batch).comparisons == 1
+    assert dict(dataset.feedback_events()) == {"e1": "used"}
 
 
 def test_a_waiting_event_that_became_unusable_is_dead_lettered_when_its_responses_arrive(dataset):
@@ -85,8 +125,7 @@ def test_records_stored_before_at_other_offsets_are_looked_up_and_stored_once(da
     assert len(dataset.demonstrations()) == 2 and dataset.count_comparisons() == 2
     assert dict(dataset.feedback_events()) == {"od": "used", "ow": "used", "nd": "used", "ok": "used"}
     assert dataset.sizes()["responses"] == 3
-    with sqlite3.connect(dataset.path) as db:
-        assert db.execute("SELECT count(*) FROM waiting").fetchone() == (0,)
+    assert not dataset._join.pending and not dataset._join.waiting
 
 
 def test_responses_named_later_are_read_from_the_recent_ones_or_else_from_the_file(dataset):
@@ -151,7 +190,7 @@ def test_the_store_process_stores_in_one_transaction_and_advances_the_offsets(da
         assert dataset.stored_offsets() == {(topics.RESPONSES, batch[1].partition): batch[1].offset + 1,
                                             (topics.FEEDBACK, batch[3].partition): batch[3].offset + 1}
         assert dict(dataset.feedback_events()) == {"pe": "used", "pw": "pending"}  # written by the other process
-        store.submit(batch)  # delivered again: skipped by its offsets
+        store.submit(partition_records(batch))  # delivered again: skipped by its offsets
         deadline = time.monotonic() + 30
         while not store.ready() and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -152,3 +152,42 @@ def test_versions_are_found_and_listed_past_any_page(dataset):
     assert [v["n"] for v in dataset.iter_versions(kind="reward", page=7)] == list(range(1233, -1, -3))
     assert dataset.version("v0000")["n"] == 0 and dataset.version("v0000", kind="reward")["kind"] == "reward"
     assert dataset.version("v0000", kind="policy") is None and dataset.version("nope") is None
+
+
+def test_a_dataset_of_the_first_schema_is_migrated_once_and_keeps_everything(tmp_path):
+    """Schema 1 kept a ``waiting`` table (which responses pending feedback waits for) and copied every
+    demonstration event into ``demonstrations``; schema 2 keeps the join index in memory (rebuilt from the pending
+    rows) and reads demonstration events from their feedback rows. A schema-1 file opened now: its demonstrations
+    are each there once, its pending event joins its response when that arrives."""
+    import sqlite3
+
+    path = str(tmp_path / "old.sqlite")
+    pending = events_pb2.FeedbackRecord(event=ranking("old-rank", "old-a", "old-b")).SerializeToString()
+    demo = events_pb2.FeedbackRecord(event=demonstration("old-demo", "fix a tap", "close the valve")).SerializeToString()
+    with sqlite3.connect(path) as db:
+        db.executescript(dataset_module.SCHEMA)
+        db.execute("CREATE TABLE waiting(response_id TEXT, event_id TEXT, PRIMARY KEY(response_id, event_id))")
+        db.executemany("INSERT INTO feedback VALUES(?,?,?,?,?,?,?,?,?)", [
+            ("old-rank", "ranking", "pending", pending, 1.0, topics.FEEDBACK, 0, 0, ""),
+            ("old-demo", "demonstration", "used", demo, 1.0, topics.FEEDBACK, 0, 1, "")])
+        db.execute("INSERT INTO waiting VALUES('old-b', 'old-rank')")
+        db.execute("INSERT INTO demonstrations(prompt, messages, response, source) "
+                   "VALUES('fix a tap', '[]', 'close the valve', 'old-demo')")
+        db.execute("INSERT INTO responses VALUES('old-a', 'q', '[]', ?, 'first', 'p1', 1.0)",
+                   (convert.prompt_key("q"),))
+        db.execute("INSERT INTO offsets VALUES(?, 0, 2)", (topics.FEEDBACK,))
+    ds = Dataset(path)
+    try:
+        with sqlite3.connect(path) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "waiting" not in tables and ds.get_state("schema_version") == str(Dataset.SCHEMA_VERSION)
+        assert [(d.source, d.response) for d in ds.demonstrations()] == [("old-demo", "close the valve")]
+        assert ds.sizes()["demonstrations"] == 1
+        out = ds.store(responses(("old-b", "q", "second")))
+        assert out.comparisons == 1 and dict(ds.feedback_events())["old-rank"] == "used"
+        assert [c.comparison.responses for c in ds.comparisons()] == [("first", "second")]
+    finally:
+        ds.close()
+    again = Dataset(path)  # migrated once: opening it again changes nothing
+    assert len(again.demonstrations()) == 1 and again.count_comparisons() == 1
+    again.close()

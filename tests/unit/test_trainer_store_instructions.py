@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_counted_run_stores_every_record_of_the_mix():
+@pytest.mark.parametrize("order", ["interleaved", "feedback-first"])
+def test_the_counted_run_stores_every_record_of_the_mix(order):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "trainer_store_instructions.py"), "--child", "1",
-                           "--records", "3000", "--print-sizes"], capture_output=True, text=True, timeout=120, check=False)
+                           "--records", "3000", "--order", order, "--print-sizes"],
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sizes = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sizes["responses"] == 1000 and sizes["demonstrations"] == 1500, sizes

@@ -10,6 +10,9 @@ Contract (both implementations keep it, and tests/integration checks it against 
   offsets (with its data, in one transaction) gives a :class:`RebalanceListener`: its offsets win over the group's
   committed ones when partitions are assigned, and it commits them (advisory) when partitions are revoked.
 * Records keep the order of their key (same key -> same partition).
+* ``poll`` returns one :class:`Message` per record; ``poll_partitions`` returns the same records as columns, one
+  :class:`PartitionRecords` per partition, for consumers that read too many records a second to build an object for
+  each.
 """
 from __future__ import annotations
 
@@ -121,6 +124,20 @@ class Message(typing.NamedTuple):
     timestamp_ms: int = 0
 
 
+class PartitionRecords(typing.NamedTuple):
+    """The records of one partition returned by one poll, as columns (no object per record):
+    ``values[i]`` is the record at ``offsets[i]``. What :meth:`Consumer.poll_partitions` returns, for a consumer
+    that needs only offsets and values: building one :class:`Message` per record costs about 0.65 us, against about
+    0.08 us a record for these two lists (the trainer reads ~100k records/s)."""
+
+    topic: str
+    partition: int
+    offsets: list[int]
+    """Ascending, never empty; not necessarily consecutive (Kafka: a compacted topic, transaction markers)."""
+    values: list[bytes]
+    """The records' values, one per offset."""
+
+
 class BatchResults:
     """The outcomes of one ``send_batch`` call, filled in from any thread as records resolve.
 
@@ -192,6 +209,24 @@ class Consumer(abc.ABC):
     @abc.abstractmethod
     def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Message]:
         """Return up to ``max_records`` records (possibly none after ``timeout_s``)."""
+
+    def poll_partitions(self, timeout_s: float = 1.0, max_records: int = 500) -> list[PartitionRecords]:
+        """What :meth:`poll` returns, as columns: the same records (up to ``max_records`` in all, possibly none
+        after ``timeout_s``), the same positions advanced and the same errors, grouped by partition, offsets
+        ascending within each, a partition without records left out. Keys, headers and timestamps are not returned.
+        ``commit()`` afterwards commits past them as after ``poll``; to commit past only some partitions' records,
+        ``commit_offsets({(r.topic, r.partition): r.offsets[-1] + 1 for r in ...})``.
+
+        This default groups ``poll``'s records (which keep their partition's order); an implementation that can
+        build the columns without a Message per record overrides it (Kafka does)."""
+        groups: dict[TopicPartition, PartitionRecords] = {}
+        for m in self.poll(timeout_s, max_records):
+            records = groups.get((m.topic, m.partition))
+            if records is None:
+                records = groups[(m.topic, m.partition)] = PartitionRecords(m.topic, m.partition, [], [])
+            records.offsets.append(m.offset)
+            records.values.append(m.value)
+        return list(groups.values())
 
     @abc.abstractmethod
     def commit(self, messages: Sequence[Message] | None = None) -> None:

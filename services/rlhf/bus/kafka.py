@@ -36,8 +36,8 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from rlhf.bus import kafka_batch
 from rlhf.bus.base import (
-    BatchResults, Bus, BusError, BusUnavailable, Consumer, Message, RebalanceListener, RecordMetadata, TopicSpec,
-    check_poll, check_record, check_topic_specs,
+    BatchResults, Bus, BusError, BusUnavailable, Consumer, Message, PartitionRecords, RebalanceListener,
+    RecordMetadata, TopicSpec, check_poll, check_record, check_topic_specs,
 )
 from rlhf.bus.base import TopicPartition as TopicPartition_  # (topic, partition); kafka's TopicPartition is a struct
 
@@ -531,6 +531,22 @@ class KafkaGroupConsumer(Consumer):
             Message(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers) if r.headers else (), r.timestamp)
             for records in batches.values()
             for r in records
+        ]
+
+    def poll_partitions(self, timeout_s: float = 1.0, max_records: int = 500) -> list[PartitionRecords]:
+        """See :meth:`Consumer.poll_partitions`: the columns straight from kafka-python's
+        ``{TopicPartition: [ConsumerRecord, ...]}`` (one poll, like :meth:`poll`), no Message built."""
+        if self._closed:
+            raise BusError("poll on a closed consumer")
+        check_poll(timeout_s, max_records)
+        try:
+            batches = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except Exception as e:
+            raise _bus_error(e, "poll failed") from e
+        return [
+            PartitionRecords(tp.topic, tp.partition, [r.offset for r in rs], [r.value for r in rs])
+            for tp, rs in batches.items()
+            if rs
         ]
 
     def commit(self, messages: Sequence[Message] | None = None) -> None:

@@ -8,14 +8,14 @@ with numpy (:func:`murmur2_many`, for :mod:`rlhf.bus.kafka_batch`), 32-bit lanes
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 _SEED = 0x9747B28C
 _MIX = 0x5BD1E995
 _MASK = 0xFFFFFFFF
-_M = np.uint32(_MIX)
-_R = np.uint32(24)
 
 
 def murmur2(data: bytes) -> int:
@@ -50,7 +50,12 @@ def partition_for_key(key: bytes, partitions: int) -> int:
 
 def murmur2_many(keys: Sequence[bytes]) -> np.ndarray:
     """:func:`murmur2` of each key, as uint32, shape ``(len(keys),)``: the 4-byte blocks of all keys mixed at once,
-    then one numpy step per block of the longest key instead of a Python loop per key."""
+    then one numpy step per block of the longest key instead of a Python loop per key. (numpy is imported here, not
+    with the module: the in-process bus, and so every ``import rlhf.bus``, needs only :func:`murmur2`, and numpy's
+    import is ~0.1 s of a fresh process's start, e.g. the trainer's store process.)"""
+    import numpy as np
+
+    _M, _R = np.uint32(_MIX), np.uint32(24)
     n = len(keys)
     if n == 0:
         return np.zeros(0, dtype=np.uint32)
@@ -93,5 +98,5 @@ def partitions_for_keys(keys: Sequence[bytes], partitions: Sequence[int]) -> lis
         return [ordered[0]] * len(keys)
     if len(keys) < NUMPY_FROM_KEYS:
         return [ordered[(murmur2(k) & 0x7FFFFFFF) % n] for k in keys]
-    idx = (murmur2_many(keys) & np.uint32(0x7FFFFFFF)) % np.uint32(n)
+    idx = (murmur2_many(keys) & 0x7FFFFFFF) % n  # (uint32 array op a Python int: stays uint32)
     return [ordered[i] for i in idx.tolist()]

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from rlhf.bus import topics
-from rlhf.bus.base import Bus, BusError, Consumer, Message, RebalanceListener, TopicPartition
+from rlhf.bus.base import Bus, BusError, Consumer, PartitionRecords, RebalanceListener, TopicPartition
 from rlhf.trainer import metrics
 from rlhf.trainer.dataset import Dataset, StoreOutcome, StoreProcess
 
@@ -146,24 +146,22 @@ class FeedbackConsumer(RebalanceListener):
         if self._in_flight is not None and self._in_flight[0].ready():
             self._finish(consumer)  # 3. stored meanwhile: commit it now, not after a poll's whole timeout
         # 1. (the batch in flight is stored meanwhile; a short poll then, to commit it soon once stored)
-        messages = consumer.poll(self.poll_timeout_s if self._in_flight is None else min(self.poll_timeout_s, 0.01),
-                                 self.max_records)
+        # (as columns, one PartitionRecords a partition: no object per record)
+        batch = consumer.poll_partitions(
+            self.poll_timeout_s if self._in_flight is None else min(self.poll_timeout_s, 0.01), self.max_records)
         if not self.unknown_from_start:
             known = self.dataset.stored_offsets()
             unknown = [tp for tp in consumer.assignment() if tp not in known]
             if unknown:  # where "latest" put them: from now on the dataset's offsets decide
-                first = {}
-                for m in messages:
-                    tp = (m.topic, m.partition)
-                    first[tp] = min(first.get(tp, m.offset), m.offset)
+                first = {(part.topic, part.partition): min(part.offsets) for part in batch}
                 positions = consumer.positions(unknown)
                 self.dataset.mark_start({tp: first.get(tp, positions[tp]) for tp in unknown if tp in positions})
-        if messages:
+        if batch:
             with self._lost_lock:
                 if self._lost:
-                    messages = [m for m in messages if (m.topic, m.partition) not in self._lost]
+                    batch = [part for part in batch if (part.topic, part.partition) not in self._lost]
         stored = None
-        if self._in_flight is not None and (messages or self._in_flight[0].ready()):
+        if self._in_flight is not None and (batch or self._in_flight[0].ready()):
             stored = self._collect()  # the batch in flight is stored (its transaction committed)
         if self._in_flight is None and time.monotonic() >= self._next_housekeeping:
             if stored is not None:
@@ -172,10 +170,10 @@ class FeedbackConsumer(RebalanceListener):
             self._housekeeping(consumer)  # 4. (between batches: its writes never wait for one being stored)
             self._next_housekeeping = time.monotonic() + self.housekeeping_s
         try:
-            if messages:  # 2. (on this thread while the store process starts: its imports take ~0.3 s)
+            if batch:  # 2. (on this thread while the store process starts: its imports take ~0.3 s)
                 store = self._store if self._store.started() else self._inline
                 self._in_flight = (store, time.perf_counter())
-                store.submit(messages)
+                store.submit(batch)
         finally:
             if stored is not None:
                 self._commit(consumer, stored)  # 3. for the batch stored, while the next one is being stored
@@ -270,8 +268,8 @@ class _InlineStore:
         self.dataset = dataset
         self._outcome: StoreOutcome | None = None
 
-    def submit(self, messages: Sequence[Message]) -> None:
-        self._outcome = self.dataset.store(messages)
+    def submit(self, batch: Sequence[PartitionRecords]) -> None:
+        self._outcome = self.dataset.store_partitions(batch)
 
     def started(self) -> bool:
         return True

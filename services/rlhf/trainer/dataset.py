@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,7 +45,7 @@ from google.protobuf.message import DecodeError
 from json.encoder import encode_basestring_ascii as _encode_str
 
 from rlhf.bus import topics
-from rlhf.bus.base import Message, TopicPartition
+from rlhf.bus.base import Message, PartitionRecords, TopicPartition
 from rlhf.trainer import convert
 from rlhf.trainer.convert import Comparison, Demonstration, Prompt, RatingValue, StoredResponse, Unusable
 from rlhf.v1 import events_pb2, feedback_pb2
@@ -60,8 +60,6 @@ CREATE INDEX IF NOT EXISTS responses_version ON responses(policy_version, stored
 CREATE TABLE IF NOT EXISTS feedback(event_id TEXT PRIMARY KEY, kind TEXT, state TEXT, payload BLOB, stored_at REAL,
     topic TEXT, partition INTEGER, "offset" INTEGER, reason TEXT);
 CREATE INDEX IF NOT EXISTS feedback_pending ON feedback(stored_at) WHERE state = 'pending';
-CREATE TABLE IF NOT EXISTS waiting(response_id TEXT, event_id TEXT, PRIMARY KEY(response_id, event_id));
-CREATE INDEX IF NOT EXISTS waiting_event ON waiting(event_id);
 CREATE TABLE IF NOT EXISTS ratings(event_id TEXT PRIMARY KEY, response_id TEXT, prompt_key TEXT, value REAL, text TEXT);
 CREATE INDEX IF NOT EXISTS ratings_prompt ON ratings(prompt_key);
 CREATE TABLE IF NOT EXISTS comparisons(id INTEGER PRIMARY KEY AUTOINCREMENT, prompt TEXT, messages TEXT,
@@ -161,10 +159,10 @@ class _Rows:
         self.known: dict[str, StoredResponse] = {}  # stored before, looked up for this batch
         self.feedback: list[tuple] = []  # new feedback rows
         self.updates: list[tuple[str, str, str]] = []  # (state, reason, event_id) of feedback that waited
-        self.waiting: list[tuple[str, str]] = []
         self.ratings: list[RatingValue] = []
         self.comparisons: list[tuple] = []
-        self.demonstrations: list[tuple] = []
+        self.demonstrations: list[tuple] = []  # derived from edits
+        self.plain_demonstrations = 0  # demonstration events: their feedback rows are the data (see demonstrations())
         self.outbox: list[tuple[str, bytes]] = []
 
     def response(self, response_id: str) -> StoredResponse | None:
@@ -177,9 +175,10 @@ class _Rows:
                             _letter(event_id, payload, topic, partition, offset, reason)))
         out.dead[reason_class(reason)] += 1
 
-    def dead_letter(self, event_id: str, m: Message, reason: str, out: StoreOutcome) -> None:
+    def dead_letter(self, value: bytes, topic: str, partition: int, offset: int, reason: str,
+                    out: StoreOutcome) -> None:
         """A record that is not even a readable event: only its dead letter is kept."""
-        self.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, reason, out)
+        self.outbox_letter("", value, topic, partition, offset, reason, out)
 
     def write(self, db: sqlite3.Connection) -> None:
         insert = "INSERT" if self.assumed_new else "INSERT OR IGNORE"
@@ -192,8 +191,6 @@ class _Rows:
             _insert_rows(db, f"{insert} INTO feedback VALUES", 9, self.feedback)
         if self.updates:
             db.executemany("UPDATE feedback SET state=?, reason=? WHERE event_id=?", self.updates)
-        if self.waiting:
-            _insert_rows(db, "INSERT OR IGNORE INTO waiting VALUES", 2, self.waiting)
         if self.ratings:
             db.executemany("INSERT OR IGNORE INTO ratings VALUES(?,?,?,?,?)",
                            [(r.event_id, r.response_id, r.prompt_key, r.value, r.text) for r in self.ratings])
@@ -205,6 +202,74 @@ class _Rows:
                          self.demonstrations)
         if self.outbox:
             db.executemany("INSERT INTO outbox(event_id, payload) VALUES(?,?)", self.outbox)
+
+
+class _Pending(NamedTuple):
+    """A feedback event stored as pending: what it needs, and its record (converted or dead-lettered from it)."""
+
+    kind: str
+    needed: tuple[str, ...]
+    payload: bytes  # the rlhf.v1.FeedbackRecord
+    topic: str
+    partition: int
+    offset: int
+
+
+class _JoinIndex:
+    """The pending feedback of the dataset, by the responses it still waits for: the writer's in-memory copy of
+    what the ``pending`` rows say, so that joining a batch's responses to the feedback that waited for them needs
+    no query and no index rows (an index table written and deleted per waiting event was most of a batch's cost
+    when its rankings had arrived before their responses, as on any backlog read from several partitions).
+
+    Valid while ``version`` equals the dataset's ``join_version`` (the ``state`` table): every transaction that
+    changes what waits for what (feedback made pending, a response it waited for stored, its wait ended) moves that
+    on (``changed``), so another writer of the file (the store process, the
+    consumer's inline store, ``expire``) makes this copy stale, and it is rebuilt from the pending rows at the
+    next transaction (:meth:`Dataset._join_index`). It is changed during a transaction and dropped if that fails."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.pending: dict[str, _Pending] = {}
+        self.missing: dict[str, set[str]] = {}  # event_id -> the response ids it still waits for
+        self.waiting: dict[str, list[str]] = {}  # response_id -> the events that wait for it
+        self.ready: list[str] = []  # pending with nothing missing (found so when rebuilt): converted next
+        self.changed = False  # by this transaction (reset at its start)
+
+    def add(self, event_id: str, pending: _Pending, missing: Iterable[str]) -> None:
+        missing = set(missing)
+        self.changed = True
+        self.pending[event_id] = pending
+        if not missing:
+            self.ready.append(event_id)
+            return
+        self.missing[event_id] = missing
+        for r in missing:
+            self.waiting.setdefault(r, []).append(event_id)
+
+    def arrived(self, response_ids: Iterable[str]) -> list[str]:
+        """These responses are stored now: the events that waited for nothing else (and those found ready), taken
+        out of the index."""
+        ready, self.ready = self.ready, []
+        waiting, missing = self.waiting, self.missing
+        for r in response_ids:
+            events = waiting.pop(r, None)
+            if events is None:
+                continue
+            self.changed = True
+            for event_id in events:
+                left = missing.get(event_id)
+                if left is not None:
+                    left.discard(r)
+                    if not left:
+                        del missing[event_id]
+                        ready.append(event_id)
+        return ready
+
+    def pop(self, event_id: str) -> _Pending | None:
+        """Take an event out of the index (converted, or dead)."""
+        self.missing.pop(event_id, None)  # its entries in ``waiting`` go when those responses arrive
+        self.changed = True
+        return self.pending.pop(event_id, None)
 
 
 _VERSION_COLUMNS = "version, kind, status, created_at, record"
@@ -226,24 +291,65 @@ def _insert_rows(db: sqlite3.Connection, head: str, width: int, rows: Sequence[t
         db.executemany(head + one, rows[full:])
 
 
+def partition_records(messages: Iterable[Message]) -> list[PartitionRecords]:
+    """Messages as :meth:`Dataset.store_partitions` takes them: grouped by partition, in their order."""
+    parts: dict[TopicPartition, PartitionRecords] = {}
+    for m in messages:
+        part = parts.get((m.topic, m.partition))
+        if part is None:
+            part = parts[(m.topic, m.partition)] = PartitionRecords(m.topic, m.partition, [], [])
+        part.offsets.append(m.offset)
+        part.values.append(m.value)
+    return list(parts.values())
+
+
 class Dataset:
     """The SQLite dataset; one writer thread (the consumer), any number of reader threads."""
 
     RECENT_RESPONSES = 20_000
 
-    def __init__(self, path: str, *, heldout_share: float = 0.1, join_timeout_s: float = 300.0) -> None:
+    def __init__(self, path: str, *, heldout_share: float = 0.1, join_timeout_s: float = 300.0,
+                 cache_mb: int = 64) -> None:
         self.path = path
+        self.cache_mb = cache_mb
+        """SQLite's page cache of each connection, in MiB (PRAGMA cache_size; pages are allocated as used, so a
+        reader's connection does not take it all)."""
         self.heldout_share = heldout_share
         self.join_timeout_s = join_timeout_s
         self._local = threading.local()
         self._offsets_lock = threading.Lock()
         self._db().executescript(SCHEMA)  # IF NOT EXISTS: idempotent (executescript commits by itself)
+        self._migrate()
         self._offsets: dict[TopicPartition, int] = {
             (t, p): o for t, p, o in self._db().execute("SELECT topic, partition, next_offset FROM offsets")}
         self._recent: dict[str, StoredResponse] = {}
         """Responses committed by this instance's transactions or read in them, newest last (at most
         ``RECENT_RESPONSES``): feedback usually names responses stored a batch or two before it, and a stored
         response never changes, so these need no query. Used by the writer thread only."""
+        self._join: _JoinIndex | None = None  # the pending feedback (:class:`_JoinIndex`), loaded when first needed
+
+    SCHEMA_VERSION = 2
+    """1: the first; 2: no ``waiting`` table (the join index is in memory, :class:`_JoinIndex`), and demonstration
+    events are not copied into ``demonstrations`` (their feedback rows are the data)."""
+
+    def _schema_version(self, db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM state WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else 1
+
+    def _migrate(self) -> None:
+        """A dataset written by an older trainer brought to :attr:`SCHEMA_VERSION` (once: a read, then nothing)."""
+        if self._schema_version(self._db()) >= self.SCHEMA_VERSION:
+            return
+        with self._tx() as db:
+            version = self._schema_version(db)  # (again: another process may have migrated it meanwhile)
+            if version >= self.SCHEMA_VERSION:
+                return
+            if version < 2:
+                db.execute("DROP TABLE IF EXISTS waiting")
+                db.execute("DELETE FROM demonstrations WHERE source IN "
+                           "(SELECT event_id FROM feedback WHERE kind='demonstration')")
+            db.execute("INSERT INTO state VALUES('schema_version', ?) ON CONFLICT(key) DO UPDATE SET "
+                       "value=excluded.value", (str(self.SCHEMA_VERSION),))
 
     # ------------------------------------------------------------------------------------------ connections
 
@@ -254,6 +360,7 @@ class Dataset:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
+            db.execute(f"PRAGMA cache_size={-1024 * int(self.cache_mb)}")  # (negative: KiB)
             self._local.db = db
         return db
 
@@ -300,67 +407,133 @@ class Dataset:
     # ------------------------------------------------------------------------------------------ storing
 
     def store(self, messages: Sequence[Message], now: float | None = None) -> StoreOutcome:
-        """Steps 1-4 of the module docstring, in one transaction. Rows are gathered per table and written together at the
-        end (:func:`_insert_rows`), and lookups are one query per batch, not per record. The records are first stored as
-        new without looking their ids up (a savepoint); should one have been stored before, that attempt is rolled
-        back and the batch stored again with the lookups (see :class:`_Rows`)."""
+        """:meth:`store_partitions` of these records (grouped by partition, in their order)."""
+        return self.store_partitions(partition_records(messages), now)
+
+    def store_partitions(self, batch: Sequence[PartitionRecords], now: float | None = None) -> StoreOutcome:
+        """Steps 1-4 of the module docstring, in one transaction, for a poll's records as columns (one
+        :class:`~rlhf.bus.base.PartitionRecords` per partition: no object per record). Rows are gathered per table
+        and written together at the end (:func:`_insert_rows`), and lookups are one query per batch, not per record.
+        The records are first stored as new without looking their ids up (a savepoint); should one have been stored
+        before, that attempt is rolled back and the batch stored again with the lookups (see :class:`_Rows`)."""
         now = time.time() if now is None else now
+        try:
+            rows, out, new_offsets = self._store(batch, now)
+        except BaseException:
+            self._join = None  # changed for a transaction that did not commit: rebuilt from the rows next time
+            raise
+        self.advance(new_offsets)
+        self._remember(rows.known)  # (committed now)
+        self._remember(rows.responses)
+        out.comparisons, out.demonstrations = len(rows.comparisons), len(rows.demonstrations) + rows.plain_demonstrations
+        out.offsets = new_offsets
+        return out
+
+    def _store(self, batch: Sequence[PartitionRecords], now: float
+               ) -> tuple[_Rows, StoreOutcome, dict[TopicPartition, int]]:
         with self._tx() as db:
             # The offsets as this transaction sees them (not the cache): another writer (a store process of a
             # trainer restarted meanwhile) may have stored more since this instance read them.
             known = {(t, p): o for t, p, o in db.execute("SELECT topic, partition, next_offset FROM offsets")}
-            highest: dict[TopicPartition, int] = {}
-            responses: list[Message] = []
-            feedback: list[Message] = []
-            redelivered = 0
-            for m in messages:
-                tp = (m.topic, m.partition)
-                offset = m.offset
-                if offset < known.get(tp, 0):  # 1.
-                    redelivered += 1
+            new_offsets: dict[TopicPartition, int] = {}
+            responses: list[PartitionRecords] = []
+            feedback: list[PartitionRecords] = []
+            redelivered = consumed_responses = consumed_feedback = 0
+            for part in batch:  # 1.
+                tp = (part.topic, part.partition)
+                start = known.get(tp, 0)
+                if part.offsets and part.offsets[0] < start:  # (some) delivered again: below the stored offset
+                    kept = [(o, v) for o, v in zip(part.offsets, part.values) if o >= start]
+                    redelivered += len(part.offsets) - len(kept)
+                    part = PartitionRecords(part.topic, part.partition, [o for o, _ in kept], [v for _, v in kept])
+                if not part.offsets:
                     continue
-                if offset > highest.get(tp, -1):
-                    highest[tp] = offset
-                if m.topic == topics.FEEDBACK:
-                    feedback.append(m)
-                elif m.topic == topics.RESPONSES:
-                    responses.append(m)
-            new_offsets = {tp: o + 1 for tp, o in highest.items() if o + 1 > known.get(tp, 0)}
+                end = max(part.offsets) + 1
+                if end > max(start, new_offsets.get(tp, 0)):
+                    new_offsets[tp] = end
+                if part.topic == topics.FEEDBACK:
+                    feedback.append(part)
+                    consumed_feedback += len(part.offsets)
+                elif part.topic == topics.RESPONSES:
+                    responses.append(part)
+                    consumed_responses += len(part.offsets)
             db.execute("SAVEPOINT assumed_new")
             try:
                 rows, out = self._store_records(db, responses, feedback, now, assumed_new=True)
             except sqlite3.IntegrityError:  # one was stored before, at another offset: look them up this time
                 db.execute("ROLLBACK TO assumed_new")
+                self._join = None  # (changed by the attempt rolled back)
                 rows, out = self._store_records(db, responses, feedback, now, assumed_new=False)
             db.execute("RELEASE assumed_new")
             if redelivered:
                 out.duplicates["redelivered"] += redelivered
-            if responses:
-                out.consumed[topics.RESPONSES] += len(responses)
-            if feedback:
-                out.consumed[topics.FEEDBACK] += len(feedback)
+            if consumed_responses:
+                out.consumed[topics.RESPONSES] += consumed_responses
+            if consumed_feedback:
+                out.consumed[topics.FEEDBACK] += consumed_feedback
             db.executemany(  # 4.
                 "INSERT INTO offsets VALUES(?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET "
                 "next_offset=max(next_offset, excluded.next_offset)",
                 [(t, p, o) for (t, p), o in new_offsets.items()])
-        self.advance(new_offsets)
-        self._remember(rows.known)  # (committed now)
-        self._remember(rows.responses)
-        out.comparisons, out.demonstrations = len(rows.comparisons), len(rows.demonstrations)
-        out.offsets = new_offsets
-        return out
+        return rows, out, new_offsets
 
-    def _store_records(self, db: sqlite3.Connection, responses: Sequence[Message], feedback: Sequence[Message],
-                       now: float, assumed_new: bool) -> tuple[_Rows, StoreOutcome]:
+    def _store_records(self, db: sqlite3.Connection, responses: Sequence[PartitionRecords],
+                       feedback: Sequence[PartitionRecords], now: float, assumed_new: bool) -> tuple[_Rows, StoreOutcome]:
         """Steps 2 and 3 for the records above the stored offsets: their rows, written, and what they did."""
         out = StoreOutcome()
         rows = _Rows(now, assumed_new)
+        index = self._join_index(db)
+        index.changed = False
         arrived = self._store_responses(db, responses, rows, out)  # 2.
-        self._store_feedback(db, feedback, rows, out)  # 3.
-        if arrived:
-            self._resolve_waiting(db, arrived, rows, out)
+        self._store_feedback(db, feedback, index, rows, out)  # 3.
+        if arrived or index.ready:
+            self._resolve_waiting(db, index, arrived, rows, out)
+        if index.changed:
+            self._bump_join(db, index)
         rows.write(db)
         return rows, out
+
+    # ------------------------------------------------------------------------------------------ the join index
+
+    def _join_index(self, db: sqlite3.Connection) -> _JoinIndex:
+        """The pending feedback, as this transaction sees it: the index kept in memory if no other writer changed
+        pending feedback since (its version is the stored one), else rebuilt from the pending rows."""
+        version = self._join_version(db)
+        if self._join is None or self._join.version != version:
+            self._join = self._load_join(db, version)
+        return self._join
+
+    @staticmethod
+    def _join_version(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM state WHERE key='join_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _load_join(self, db: sqlite3.Connection, version: int) -> _JoinIndex:
+        index = _JoinIndex(version)
+        parse = events_pb2.FeedbackRecord.FromString
+        events: list[tuple[str, _Pending]] = []
+        for event_id, kind, payload, topic, partition, offset in db.execute(
+                f"SELECT event_id, kind, payload, topic, partition, \"offset\" FROM feedback WHERE state='{PENDING}'"):
+            try:
+                needed = convert.needed_responses(parse(payload).event, kind)
+            except (DecodeError, Unusable):  # (it was read when stored); left to expire(), which dead-letters it
+                continue
+            events.append((event_id, _Pending(kind, needed, payload, topic, partition, offset)))
+        wanted = list({r for _, p in events for r in p.needed})
+        stored = set(_existing(db, "responses", "response_id", wanted)) if wanted else set()
+        for event_id, pending in events:
+            index.add(event_id, pending, [r for r in pending.needed if r not in stored])
+        if events:
+            log.info("join index: %d pending feedback events (%d ready) read from the dataset", len(events),
+                     len(index.ready))
+        return index
+
+    @staticmethod
+    def _bump_join(db: sqlite3.Connection, index: _JoinIndex) -> None:
+        """Pending feedback changed in this transaction: other writers' indexes are stale from its commit on."""
+        index.version += 1
+        db.execute("INSERT INTO state VALUES('join_version', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                   (str(index.version),))
 
     def advance(self, offsets: dict[TopicPartition, int]) -> None:
         """Note offsets stored (and committed) by another writer of this file, e.g. a :class:`StoreProcess`."""
@@ -369,26 +542,28 @@ class Dataset:
                 if o > self._offsets.get(tp, 0):
                     self._offsets[tp] = o
 
-    def _store_responses(self, db: sqlite3.Connection, messages: Sequence[Message], rows: _Rows,
+    def _store_responses(self, db: sqlite3.Connection, parts: Sequence[PartitionRecords], rows: _Rows,
                          out: StoreOutcome) -> list[str]:
         """2.: the responses not stored before (by response_id); returns their ids."""
         parsed = rows.responses
         duplicates = 0
-        parse = events_pb2.ServedResponse.FromString
-        for m in messages:
-            try:
-                served = parse(m.value)
-            except DecodeError:
-                rows.dead_letter("", m, "cannot parse the record as rlhf.v1.ServedResponse", out)
-                continue
-            response_id = served.response_id
-            if not response_id:
-                rows.dead_letter("", m, "the served response has no response_id", out)
-                continue
-            if response_id in parsed:
-                duplicates += 1
-                continue
-            parsed[response_id] = convert.stored_response(served)
+        parse, stored_response = events_pb2.ServedResponse.FromString, convert.stored_response
+        for topic, partition, offsets, values in parts:
+            for offset, value in zip(offsets, values):
+                try:
+                    served = parse(value)
+                except DecodeError:
+                    rows.dead_letter(value, topic, partition, offset,
+                                     "cannot parse the record as rlhf.v1.ServedResponse", out)
+                    continue
+                response_id = served.response_id
+                if not response_id:
+                    rows.dead_letter(value, topic, partition, offset, "the served response has no response_id", out)
+                    continue
+                if response_id in parsed:
+                    duplicates += 1
+                    continue
+                parsed[response_id] = stored_response(served)
         existing = _existing(db, "responses", "response_id", list(parsed)) if parsed and not rows.assumed_new else []
         for rid in existing:  # the stored one is looked up when feedback needs it
             del parsed[rid]
@@ -399,49 +574,52 @@ class Dataset:
             out.stored["response"] += len(parsed)
         return list(parsed)
 
-    def _store_feedback(self, db: sqlite3.Connection, messages: Sequence[Message], rows: _Rows,
-                        out: StoreOutcome) -> None:
+    def _store_feedback(self, db: sqlite3.Connection, parts: Sequence[PartitionRecords], index: _JoinIndex,
+                        rows: _Rows, out: StoreOutcome) -> None:
         """3.: events not stored before (by event_id), converted when their responses are all stored."""
-        records: list[tuple[Message, feedback_pb2.FeedbackEvent, str, str]] = []
+        records: list[tuple[bytes, str, int, int, feedback_pb2.FeedbackEvent, str, str]] = []
         seen: set[str] = set()
         parse = events_pb2.FeedbackRecord.FromString
-        for m in messages:
-            try:
-                event = parse(m.value).event
-            except DecodeError:
-                rows.dead_letter("", m, "cannot parse the record as rlhf.v1.FeedbackRecord", out)
-                continue
-            event_id = event.event_id
-            if not event_id:
-                rows.dead_letter("", m, "the feedback event has no event_id", out)
-                continue
-            kind = event.WhichOneof("kind") or "none"
-            if event_id in seen:
-                out.duplicates[kind] += 1
-                continue
-            seen.add(event_id)
-            records.append((m, event, event_id, kind))
+        for topic, partition, offsets, values in parts:
+            for offset, value in zip(offsets, values):
+                try:
+                    event = parse(value).event
+                except DecodeError:
+                    rows.dead_letter(value, topic, partition, offset,
+                                     "cannot parse the record as rlhf.v1.FeedbackRecord", out)
+                    continue
+                event_id = event.event_id
+                if not event_id:
+                    rows.dead_letter(value, topic, partition, offset, "the feedback event has no event_id", out)
+                    continue
+                kind = event.WhichOneof("kind") or "none"
+                if event_id in seen:
+                    out.duplicates[kind] += 1
+                    continue
+                seen.add(event_id)
+                records.append((value, topic, partition, offset, event, event_id, kind))
         if not records:
             return
         existing = set() if rows.assumed_new else set(_existing(db, "feedback", "event_id", list(seen)))
         stored: dict[str, int] = {}
         duplicates: dict[str, int] = {}
-        waiting: list[tuple[Message, feedback_pb2.FeedbackEvent, str, str, tuple[str, ...]]] = []
-        now, feedback_rows, demonstrations = rows.now, rows.feedback, rows.demonstrations
-        for m, event, event_id, kind in records:
+        waiting: list[tuple[bytes, str, int, int, feedback_pb2.FeedbackEvent, str, str, tuple[str, ...]]] = []
+        now, feedback_rows = rows.now, rows.feedback
+        for value, topic, partition, offset, event, event_id, kind in records:
             if event_id in existing:
                 duplicates[kind] = duplicates.get(kind, 0) + 1
                 continue
             stored[kind] = stored.get(kind, 0) + 1
-            if kind == "demonstration":  # needs no response: converted at once (most of a busy stream)
-                demonstrations.append(convert.demonstration_row(event))
-                feedback_rows.append((event_id, kind, USED, m.value, now, m.topic, m.partition, m.offset, ""))
+            if kind == "demonstration":  # needs no response, and its row is the supervised data (most of a stream)
+                rows.plain_demonstrations += 1
+                feedback_rows.append((event_id, kind, USED, value, now, topic, partition, offset, ""))
                 continue
             try:
-                waiting.append((m, event, event_id, kind, convert.needed_responses(event, kind)))
+                waiting.append((value, topic, partition, offset, event, event_id, kind,
+                                convert.needed_responses(event, kind)))
             except Unusable as e:
-                feedback_rows.append((event_id, kind, DEAD, m.value, now, m.topic, m.partition, m.offset, e.reason))
-                rows.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, e.reason, out)
+                feedback_rows.append((event_id, kind, DEAD, value, now, topic, partition, offset, e.reason))
+                rows.outbox_letter(event_id, value, topic, partition, offset, e.reason, out)
         out.stored.update(stored)
         out.duplicates.update(duplicates)
         if not waiting:
@@ -449,16 +627,16 @@ class Dataset:
         wanted = {r for *_, ids in waiting for r in ids if r not in rows.responses}
         if wanted:
             rows.known.update(self._responses(db, list(wanted)))
-        for m, event, event_id, kind, needed in waiting:
-            missing = [r for r in dict.fromkeys(needed) if rows.response(r) is None]
+        for value, topic, partition, offset, event, event_id, kind, needed in waiting:
+            missing = [r for r in needed if rows.response(r) is None]
             if missing:
-                feedback_rows.append((event_id, kind, PENDING, m.value, now, m.topic, m.partition, m.offset, ""))
-                rows.waiting.extend((r, event_id) for r in missing)
+                feedback_rows.append((event_id, kind, PENDING, value, now, topic, partition, offset, ""))
+                index.add(event_id, _Pending(kind, needed, value, topic, partition, offset), missing)
                 continue
             state, reason = self._convert(db, event, event_id, kind, needed, rows)
-            feedback_rows.append((event_id, kind, state, m.value, now, m.topic, m.partition, m.offset, reason))
+            feedback_rows.append((event_id, kind, state, value, now, topic, partition, offset, reason))
             if state == DEAD:
-                rows.outbox_letter(event_id, m.value, m.topic, m.partition, m.offset, reason, out)
+                rows.outbox_letter(event_id, value, topic, partition, offset, reason, out)
 
     def _remember(self, responses: dict[str, StoredResponse]) -> None:
         recent = self._recent
@@ -523,66 +701,59 @@ class Dataset:
             rows.demonstrations.append((d.prompt.text, _messages_json(d.prompt), d.response, d.source))
         return USED, ""
 
-    def _resolve_waiting(self, db: sqlite3.Connection, arrived: Sequence[str], rows: _Rows,
+    def _resolve_waiting(self, db: sqlite3.Connection, index: _JoinIndex, arrived: Sequence[str], rows: _Rows,
                          out: StoreOutcome) -> None:
         """Feedback that waited for responses that have now arrived is converted, once nothing it needs is missing
-        (a few queries per batch, not per event: ``waiting`` is indexed both ways)."""
-        events: list[str] = []
-        for chunk in _chunks(arrived):
-            marks = ",".join("?" * len(chunk))
-            events += [e for (e,) in db.execute(f"SELECT event_id FROM waiting WHERE response_id IN ({marks})", chunk)]
-            db.execute(f"DELETE FROM waiting WHERE response_id IN ({marks})", chunk)
-        if not events:
+        (the join index says which: no query but for responses stored before this writer's recent ones)."""
+        ready = index.arrived(arrived)
+        if not ready:
             return
-        events = list(dict.fromkeys(events))
-        still = set(_existing(db, "waiting", "event_id", events))  # still waits for another response
-        ready: dict[str, tuple] = {e: () for e in events if e not in still}
-        for chunk in _chunks(list(ready)):
-            marks = ",".join("?" * len(chunk))
-            for event_id, *row in db.execute(f"SELECT event_id, payload, topic, partition, \"offset\" FROM feedback "
-                                             f"WHERE state='{PENDING}' AND event_id IN ({marks})", chunk):
-                ready[event_id] = tuple(row)
-        todo: list[tuple[str, tuple, feedback_pb2.FeedbackEvent, str, tuple[str, ...]]] = []
-        for event_id, row in ready.items():
-            if not row:  # not pending (any more)
-                continue
-            event = events_pb2.FeedbackRecord.FromString(row[0]).event
-            try:
-                kind, needed = convert.kind_of(event), convert.needed_responses(event)
-            except Unusable as e:
-                rows.updates.append((DEAD, e.reason, event_id))
-                rows.outbox_letter(event_id, *row, e.reason, out)
-                continue
-            todo.append((event_id, row, event, kind, needed))
-        wanted = {r for *_, needed in todo for r in needed if rows.response(r) is None}
+        parse = events_pb2.FeedbackRecord.FromString
+        todo: list[tuple[str, _Pending, feedback_pb2.FeedbackEvent]] = []
+        for event_id in ready:
+            pending = index.pop(event_id)
+            if pending is not None:
+                todo.append((event_id, pending, parse(pending.payload).event))
+        wanted = {r for _, pending, _ in todo for r in pending.needed if rows.response(r) is None}
         if wanted:
             rows.known.update(self._responses(db, list(wanted)))
-        for event_id, row, event, kind, needed in todo:
-            state, reason = self._convert(db, event, event_id, kind, needed, rows)
+        for event_id, p, event in todo:
+            state, reason = self._convert(db, event, event_id, p.kind, p.needed, rows)
             rows.updates.append((state, reason, event_id))
             if state == DEAD:
-                rows.outbox_letter(event_id, *row, reason, out)
-
-    def _kill(self, db: sqlite3.Connection, event_id: str, payload: bytes, topic: str, partition: int, offset: int,
-              reason: str, out: StoreOutcome) -> None:
-        db.execute("UPDATE feedback SET state=?, reason=? WHERE event_id=?", (DEAD, reason, event_id))
-        db.execute("DELETE FROM waiting WHERE event_id=?", (event_id,))
-        db.execute("INSERT INTO outbox(event_id, payload) VALUES(?,?)",
-                   (event_id, _letter(event_id, payload, topic, partition, offset, reason)))
-        out.dead[reason_class(reason)] += 1
+                rows.outbox_letter(event_id, p.payload, p.topic, p.partition, p.offset, reason, out)
 
     def expire(self, now: float | None = None) -> StoreOutcome:
         """Feedback that waited longer than ``join_timeout_s`` for its responses goes to the dead-letter outbox."""
         now = time.time() if now is None else now
         out = StoreOutcome()
         with self._tx() as db:
-            rows = db.execute("SELECT event_id, payload, topic, partition, \"offset\" FROM feedback "
-                              "WHERE state = 'pending' AND stored_at < ?", (now - self.join_timeout_s,)).fetchall()
-            for event_id, payload, topic, partition, offset in rows:
-                missing = [r for (r,) in db.execute("SELECT response_id FROM waiting WHERE event_id=?", (event_id,))]
+            expired = db.execute(f"SELECT event_id, kind, payload, topic, partition, \"offset\" FROM feedback "
+                                 f"WHERE state='{PENDING}' AND stored_at < ?", (now - self.join_timeout_s,)).fetchall()
+            if not expired:
+                return out
+            rows = _Rows(now)
+            parse = events_pb2.FeedbackRecord.FromString
+            for event_id, kind, payload, topic, partition, offset in expired:
+                try:
+                    needed = convert.needed_responses(parse(payload).event, kind)
+                except (DecodeError, Unusable):
+                    needed = ()
+                stored = set(_existing(db, "responses", "response_id", list(needed))) if needed else set()
+                missing = [r for r in needed if r not in stored]
                 reason = (f"responses {', '.join(missing)} not seen on {topics.RESPONSES} within "
                           f"{self.join_timeout_s:.0f}s")
-                self._kill(db, event_id, payload, topic, partition, offset, reason, out)
+                rows.updates.append((DEAD, reason, event_id))
+                rows.outbox_letter(event_id, payload, topic, partition, offset, reason, out)
+            version = self._join_version(db)
+            current = self._join is not None and self._join.version == version
+            index = self._join if current else _JoinIndex(version)  # (a stale one is rebuilt when next needed)
+            for event_id, *_ in expired:
+                index.pop(event_id)
+            self._bump_join(db, index)
+            rows.write(db)
+            if not current:
+                self._join = None
         return out
 
     # ------------------------------------------------------------------------------------------ the outbox
@@ -612,8 +783,14 @@ class Dataset:
         return int(self._db().execute("SELECT count(*) FROM comparisons WHERE id > ?", (after_id,)).fetchone()[0])
 
     def demonstrations(self) -> list[Demonstration]:
-        return [Demonstration(Prompt(p, tuple(tuple(x) for x in json.loads(msgs))), r, s) for p, msgs, r, s in
-                self._db().execute("SELECT prompt, messages, response, source FROM demonstrations ORDER BY id")]
+        """The supervised data: demonstration events (read from their feedback rows, where they are stored once),
+        then the demonstrations derived from edits (the ``demonstrations`` table), each in the order stored."""
+        db = self._db()
+        parse = events_pb2.FeedbackRecord.FromString
+        plain = [convert.demonstration_of(parse(payload).event) for (payload,) in db.execute(
+            f"SELECT payload FROM feedback WHERE kind='demonstration' AND state='{USED}' ORDER BY rowid")]
+        return plain + [Demonstration(Prompt(p, tuple(tuple(x) for x in json.loads(msgs))), r, s) for p, msgs, r, s in
+                        db.execute("SELECT prompt, messages, response, source FROM demonstrations ORDER BY id")]
 
     def sizes(self) -> dict[str, int]:
         """Rows by kind: responses, feedback events by state, comparisons (pairs, rankings), demonstrations."""
@@ -624,7 +801,9 @@ class Dataset:
         out["pairs"] = db.execute("SELECT count(*) FROM comparisons WHERE json_array_length(responses) = 2").fetchone()[0]
         out["rankings"] = db.execute("SELECT count(*) FROM comparisons WHERE json_array_length(responses) > 2"
                                      ).fetchone()[0]
-        out["demonstrations"] = db.execute("SELECT count(*) FROM demonstrations").fetchone()[0]
+        out["demonstrations"] = db.execute(
+            f"SELECT (SELECT count(*) FROM feedback WHERE kind='demonstration' AND state='{USED}') + "
+            f"(SELECT count(*) FROM demonstrations)").fetchone()[0]
         return out
 
     def feedback_events(self) -> Iterator[tuple[str, str]]:
@@ -716,15 +895,6 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------- a store process
 
 
-class Record(NamedTuple):
-    """A consumed record as :meth:`Dataset.store` reads it (what a :class:`StoreProcess` is sent)."""
-
-    topic: str
-    partition: int
-    offset: int
-    value: bytes
-
-
 _STARTED = b"\x01"  # what a store process writes first, once its dataset is open
 
 
@@ -750,7 +920,8 @@ class StoreProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "rlhf.trainer.dataset", "--serve", dataset.path, repr(dataset.heldout_share),
-             repr(dataset.join_timeout_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+             repr(dataset.join_timeout_s), str(dataset.cache_mb)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=env)
         self.in_flight = False
         self._up = False  # _STARTED was read
 
@@ -758,12 +929,14 @@ class StoreProcess:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def submit(self, messages: Sequence[Message], now: float | None = None) -> None:
+    def submit(self, batch: Sequence[PartitionRecords], now: float | None = None) -> None:
+        """Send a poll's records (as :meth:`Dataset.store_partitions` takes them) to be stored."""
         if self.in_flight:
             raise RuntimeError("StoreProcess.submit: the previous batch's result was not read")
-        records = [(m.topic, m.partition, m.offset, m.value) for m in messages]
+        # Plain tuples of two lists a partition: pickled and read back at C speed, no object per record.
+        columns = [(part.topic, part.partition, part.offsets, part.values) for part in batch]
         try:
-            pickle.dump((records, now), self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump((columns, now), self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError) as e:
             raise StoreFailed(f"the store process exited (code {self._proc.poll()}): {e}") from e
@@ -807,7 +980,7 @@ class StoreProcess:
         return value
 
     def store(self, messages: Sequence[Message], now: float | None = None) -> StoreOutcome:
-        self.submit(messages, now)
+        self.submit(partition_records(messages), now)
         return self.result()
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -824,13 +997,13 @@ class StoreProcess:
         self.in_flight = False
 
 
-def _serve(path: str, heldout_share: float, join_timeout_s: float) -> int:
+def _serve(path: str, heldout_share: float, join_timeout_s: float, cache_mb: int) -> int:
     """The store process: batches from stdin, their outcomes to stdout, until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the trainer, which closes our stdin
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # stdout carries only replies
-    dataset = Dataset(path, heldout_share=heldout_share, join_timeout_s=join_timeout_s)
-    make = Record._make
+    dataset = Dataset(path, heldout_share=heldout_share, join_timeout_s=join_timeout_s, cache_mb=cache_mb)
+    make = PartitionRecords._make
     gc.freeze()  # what the imports made is never garbage: collections of the rows' young objects skip it (~1%)
     try:
         try:
@@ -840,11 +1013,11 @@ def _serve(path: str, heldout_share: float, join_timeout_s: float) -> int:
             return 0
         while True:
             try:
-                records, now = pickle.load(requests)
+                columns, now = pickle.load(requests)
             except EOFError:
                 return 0
             try:
-                reply = (True, dataset.store(list(map(make, records)), now))
+                reply = (True, dataset.store_partitions(list(map(make, columns)), now))
             except Exception as e:  # noqa: BLE001 - reported to the trainer, which retries the batch
                 log.exception("storing a batch failed")
                 reply = (False, f"{type(e).__name__}: {e}")
@@ -858,9 +1031,9 @@ def _serve(path: str, heldout_share: float, join_timeout_s: float) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
+    if len(sys.argv) == 6 and sys.argv[1] == "--serve":
         logging.basicConfig(level=logging.WARNING)
         from rlhf.trainer import dataset as _module  # its classes, not __main__'s, in what is pickled
 
-        raise SystemExit(_module._serve(sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
-    raise SystemExit("usage: python -m rlhf.trainer.dataset --serve PATH HELDOUT_SHARE JOIN_TIMEOUT_S")
+        raise SystemExit(_module._serve(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
+    raise SystemExit("usage: python -m rlhf.trainer.dataset --serve PATH HELDOUT_SHARE JOIN_TIMEOUT_S CACHE_MB")
