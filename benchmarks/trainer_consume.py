@@ -205,7 +205,8 @@ def main() -> int:
             steady["trainer"].append(t.steady_records_per_s)
             for key, seconds in (("raw", r.cpu_s), ("trainer", t.cpu_s), ("store_process", t.store_cpu_s)):
                 cpu[key].append(seconds * 1e6 / n)
-            print(f"raw {raws[-1]:9.0f} records/s   trainer {trainers[-1]:9.0f} records/s   CPU per record: raw "
+            print(f"raw {raws[-1]:9.0f} records/s   trainer {trainers[-1]:9.0f} records/s ({trainers[-1] / raws[-1]:.2f}x)"
+                  f"   CPU per record: raw "
                   f"{cpu['raw'][-1]:.1f} us, trainer {cpu['trainer'][-1]:.1f} us + store process "
                   f"{cpu['store_process'][-1]:.1f} us; steady: raw {steady['raw'][-1]:.0f}, trainer "
                   f"{steady['trainer'][-1]:.0f} records/s")
@@ -217,12 +218,19 @@ def main() -> int:
                        "steady_records_per_s": {k: statistics.median(v) for k, v in steady.items()},
                        "steady_runs": steady})
         result["steady_ratio"] = result["steady_records_per_s"]["trainer"] / result["steady_records_per_s"]["raw"]
+        # Each repeat's two runs are back to back, so their ratio shares the machine's state of the moment: its
+        # median is steadier than the ratio of the medians when other work comes and goes.
+        pair_ratios = sorted(t / r for t, r in zip(trainers, raws))
+        result["pair_ratios"] = pair_ratios
+        result["median_pair_ratio"] = statistics.median(pair_ratios)
         print(f"median: raw {result['raw_records_per_s']:.0f}, trainer {result['trainer_records_per_s']:.0f} "
               f"records/s, ratio {result['ratio']:.2f}; CPU per record: raw {result['cpu_us_per_record']['raw']:.1f} "
               f"us, trainer {result['cpu_us_per_record']['trainer']:.1f} us + store process "
               f"{result['cpu_us_per_record']['store_process']:.1f} us (its start included)")
         print(f"steady (from the first records on): raw {result['steady_records_per_s']['raw']:.0f}, trainer "
               f"{result['steady_records_per_s']['trainer']:.0f} records/s, ratio {result['steady_ratio']:.2f}")
+        print(f"ratio per repeat (trainer / raw, back to back): median {result['median_pair_ratio']:.2f}, "
+              f"range {pair_ratios[0]:.2f}-{pair_ratios[-1]:.2f}")
     sizes = [int(x) for x in args.rm_comparisons.split(",") if x.strip() and int(x) > 0]
     result["retraining"] = retraining(sizes, workdir) if sizes else []
     result["load_after"] = os.getloadavg()

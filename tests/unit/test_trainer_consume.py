@@ -202,6 +202,63 @@ def test_the_store_process_stores_in_one_transaction_and_advances_the_offsets(da
     assert not store.alive
 
 
+def _started(store):
+    deadline = time.monotonic() + 30
+    while not store.started() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.started()
+
+
+def _when_ready(store):
+    deadline = time.monotonic() + 30
+    while not store.ready() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return store.ready()
+
+
+def test_the_store_process_takes_two_batches_and_answers_each_in_order(dataset):
+    """Two batches in flight: each one's result is seen as ready when it is, without another batch sent (the
+    replies are framed and read from the raw pipe, so a reply read along with the one before is not missed)."""
+    from rlhf.bus.base import PartitionRecords
+
+    store = StoreProcess(dataset)
+    try:
+        _started(store)
+        first = partition_records([response_message(served(f"f{i}", "q", f"x{i}")) for i in range(50)])
+        second = partition_records([feedback_message(ranking("fr", "f1", "f2")),
+                                    feedback_message(demonstration("fd", "p", "ideal"))])
+        store.submit(first)
+        store.submit(second)
+        with pytest.raises(RuntimeError):  # at most MAX_IN_FLIGHT
+            store.submit([PartitionRecords(topics.RESPONSES, 0, [10**9], [b""])])
+        assert _when_ready(store) and store.result().stored == {"response": 50}
+        assert _when_ready(store), "the second result, already written, was not seen"
+        out = store.result()
+        assert out.stored == {"ranking": 1, "demonstration": 1} and out.comparisons == 1 and store.in_flight == 0
+    finally:
+        store.close()
+
+
+def test_a_batch_after_one_that_failed_is_not_stored(dataset):
+    """A batch that fails in the store process is not stored; nor is one sent after it (storing it would move
+    the offsets past the failed batch's records, which would then never be stored)."""
+    from rlhf.bus.base import PartitionRecords
+
+    store = StoreProcess(dataset)
+    try:
+        _started(store)
+        broken = [PartitionRecords(topics.RESPONSES, 0, [0], [12345])]  # not bytes: storing it raises
+        store.submit(broken)
+        store.submit(partition_records([response_message(served("after", "q", "x"))]))
+        with pytest.raises(StoreFailed, match="TypeError"):
+            store.result()
+        with pytest.raises(StoreFailed, match="a batch before it failed"):
+            store.result()
+    finally:
+        store.close()
+    assert dataset.sizes()["responses"] == 0 and dataset.stored_offsets() == {}
+
+
 def test_a_store_process_that_died_fails_its_batch_and_stores_nothing(dataset):
     store = StoreProcess(dataset)
     store._proc.kill()

@@ -2,17 +2,18 @@
 
 1. poll a batch (the group's consumer, manual commits); drop records of partitions the group took away without a
    revoke (``on_lost``: another member reads them again);
-2. store it: records and offsets in one dataset transaction (``Dataset.store``), by default in a process of its own
-   (:class:`~rlhf.trainer.dataset.StoreProcess`) while this thread polls the next batch: one batch in flight, so
-   reading and storing overlap instead of taking turns (``store_process=False``: on this thread; also while the
-   store process starts, a fresh interpreter's ~0.3 s, so that the first batches need not wait for it);
-3. once the batch is stored (its transaction committed), commit the offsets it stored to Kafka, after handing the
+2. store it: records and offsets in one dataset transaction (``Dataset.store_partitions``), by default in a process
+   of its own (:class:`~rlhf.trainer.dataset.StoreProcess`) while this thread polls the next batches: up to two
+   batches in flight (one stored, one waiting in the process), so reading and storing overlap instead of taking
+   turns (``store_process=False``: on this thread; also while the store process starts, a fresh interpreter's
+   ~0.2 s, so that the first batches need not wait for it);
+3. once a batch is stored (its transaction committed), commit the offsets it stored to Kafka, after handing the
    next batch to the store and without waiting for the broker's answer: advisory only, for the usual
    lag tools; on (re)assignment the dataset's own offsets win (``on_assigned`` seeks there; a batch still in flight
    then is delivered again and skipped by the dataset, whose transaction reads the offsets it stored), and on revoke
    the stored offsets are committed (asynchronously: the rebalance callbacks run on the client's network thread,
    where a blocking commit raises);
-4. every ``housekeeping_s``, between two batches: dead-letter what waited too long for its responses, publish the
+4. every ``housekeeping_s``, with no batch in flight: dead-letter what waited too long for its responses, publish the
    dead-letter outbox, refresh consumer lag and dataset sizes.
 
 The bus down, or the store process gone: the loop logs, waits ``retry_s`` and rebuilds its consumer (and store
@@ -21,6 +22,7 @@ stored offsets) until resumed.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -63,7 +65,8 @@ class FeedbackConsumer(RebalanceListener):
         self._thread: threading.Thread | None = None
         self._store: StoreProcess | _InlineStore | None = None
         self._inline = _InlineStore(dataset)  # stores while the store process starts
-        self._in_flight: tuple[StoreProcess | _InlineStore, float] | None = None  # the batch being stored: where, when
+        self._in_flight: collections.deque[tuple[StoreProcess | _InlineStore, float]] = collections.deque()
+        """The batches being stored, oldest first: where, and since when."""
         self._next_housekeeping = 0.0
 
     # ------------------------------------------------------------------------------------------ control
@@ -143,12 +146,12 @@ class FeedbackConsumer(RebalanceListener):
 
     def _step(self, consumer: Consumer) -> None:
         assert self._store is not None
-        if self._in_flight is not None and self._in_flight[0].ready():
-            self._finish(consumer)  # 3. stored meanwhile: commit it now, not after a poll's whole timeout
-        # 1. (the batch in flight is stored meanwhile; a short poll then, to commit it soon once stored)
-        # (as columns, one PartitionRecords a partition: no object per record)
+        while self._in_flight and self._in_flight[0][0].ready():
+            self._commit(consumer, self._collect())  # 3. stored meanwhile: commit it now, not after a poll's timeout
+        # 1. (the batches in flight are stored meanwhile; a short poll then, to commit them soon once stored; as
+        # columns, one PartitionRecords a partition: no object per record)
         batch = consumer.poll_partitions(
-            self.poll_timeout_s if self._in_flight is None else min(self.poll_timeout_s, 0.01), self.max_records)
+            self.poll_timeout_s if not self._in_flight else min(self.poll_timeout_s, 0.01), self.max_records)
         if not self.unknown_from_start:
             known = self.dataset.stored_offsets()
             unknown = [tp for tp in consumer.assignment() if tp not in known]
@@ -160,33 +163,37 @@ class FeedbackConsumer(RebalanceListener):
             with self._lost_lock:
                 if self._lost:
                     batch = [part for part in batch if (part.topic, part.partition) not in self._lost]
-        stored = None
-        if self._in_flight is not None and (batch or self._in_flight[0].ready()):
-            stored = self._collect()  # the batch in flight is stored (its transaction committed)
-        if self._in_flight is None and time.monotonic() >= self._next_housekeeping:
-            if stored is not None:
-                self._commit(consumer, stored)
-                stored = None
-            self._housekeeping(consumer)  # 4. (between batches: its writes never wait for one being stored)
+        stored: list[StoreOutcome] = []
+        # 2. on this thread while the store process starts (its imports take ~0.3 s); then in the process, with up
+        # to StoreProcess.MAX_IN_FLIGHT batches in flight (the oldest waited for when that many are).
+        store = self._store if self._store.started() else self._inline
+        if batch:
+            while len(self._in_flight) >= getattr(store, "MAX_IN_FLIGHT", 1):
+                stored.append(self._collect())
+        if time.monotonic() >= self._next_housekeeping:
+            while self._in_flight:  # 4. between batches: its writes never wait for one being stored
+                stored.append(self._collect())
+            for outcome in stored:
+                self._commit(consumer, outcome)
+            stored = []
+            self._housekeeping(consumer)
             self._next_housekeeping = time.monotonic() + self.housekeeping_s
         try:
-            if batch:  # 2. (on this thread while the store process starts: its imports take ~0.3 s)
-                store = self._store if self._store.started() else self._inline
-                self._in_flight = (store, time.perf_counter())
+            if batch:
+                self._in_flight.append((store, time.perf_counter()))
                 store.submit(batch)
         finally:
-            if stored is not None:
-                self._commit(consumer, stored)  # 3. for the batch stored, while the next one is being stored
+            for outcome in stored:
+                self._commit(consumer, outcome)  # 3. for the batches stored, while the next ones are being stored
 
-    def _finish(self, consumer: Consumer, wait: bool = False) -> None:
-        """Wait for the batch in flight to be stored, then commit its offsets to Kafka."""
-        if self._in_flight is not None:
+    def _drain(self, consumer: Consumer, wait: bool = False) -> None:
+        """Wait for the batches in flight to be stored, committing the offsets of each to Kafka."""
+        while self._in_flight:
             self._commit(consumer, self._collect(), wait)
 
     def _collect(self) -> StoreOutcome:
-        """Wait for the batch in flight to be stored: its outcome (counted)."""
-        assert self._in_flight is not None
-        (store, started), self._in_flight = self._in_flight, None
+        """Wait for the oldest batch in flight to be stored: its outcome (counted)."""
+        store, started = self._in_flight.popleft()
         outcome = store.result()
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
         self._count(outcome)
@@ -239,17 +246,17 @@ class FeedbackConsumer(RebalanceListener):
         return len(sent)
 
     def _close(self, consumer: Consumer | None, failed: bool = False) -> None:
-        """Finish the batch in flight (committing it), then close the consumer. After a failure the store process
-        is restarted with the consumer (a batch it was storing is committed whole or not at all, and read again
-        unless stored)."""
-        if consumer is not None and self._in_flight is not None and not failed:
+        """Finish the batches in flight (committing them), then close the consumer. After a failure the store
+        process is restarted with the consumer (a batch it was storing is committed whole or not at all, and read
+        again unless stored; one after a failed batch is not stored)."""
+        if consumer is not None and self._in_flight and not failed:
             try:
-                self._finish(consumer, wait=True)
+                self._drain(consumer, wait=True)
             except Exception:  # noqa: BLE001 - not stored (or not committed to Kafka): read again
-                log.warning("storing the last batch before closing failed", exc_info=True)
+                log.warning("storing the last batches before closing failed", exc_info=True)
                 failed = True
-        if self._in_flight is not None or failed:
-            self._in_flight = None
+        if self._in_flight or failed:
+            self._in_flight.clear()
             if self._store is not None:
                 self._store.close()
                 self._store = None

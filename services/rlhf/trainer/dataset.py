@@ -895,7 +895,51 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------- a store process
 
 
-_STARTED = b"\x01"  # what a store process writes first, once its dataset is open
+_STARTED = b"\x01"  # what a store process writes first (a frame), once its dataset is open
+
+
+def _frame(data: bytes) -> bytes:
+    """A reply of the store process: its length (4 bytes, little-endian), then the bytes."""
+    return len(data).to_bytes(4, "little") + data
+
+
+class _Frames:
+    """The store process's replies, read from the raw pipe into a buffer of our own: whether the oldest has arrived
+    is known without blocking (a buffered file reading one reply may also read the next, which ``select`` on the
+    pipe then no longer sees)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+        self.closed = False  # the process's end of the pipe closed
+
+    def _complete(self) -> bool:
+        buffer = self.buffer
+        return len(buffer) >= 4 and len(buffer) >= 4 + int.from_bytes(buffer[:4], "little")
+
+    def _read(self) -> None:
+        chunk = os.read(self.fd, 1 << 16)
+        if chunk:
+            self.buffer += chunk
+        else:
+            self.closed = True
+
+    def arrived(self) -> bool:
+        """Whether the next frame is here (or none will come): :meth:`next` would not wait."""
+        while not self._complete() and not self.closed and select.select([self.fd], [], [], 0)[0]:
+            self._read()
+        return self._complete() or self.closed
+
+    def next(self) -> bytes | None:
+        """The next frame, waiting for it; None once the pipe closed before it."""
+        while not self._complete():
+            if self.closed:
+                return None
+            self._read()
+        n = int.from_bytes(self.buffer[:4], "little")
+        frame = bytes(self.buffer[4:4 + n])
+        del self.buffer[:4 + n]
+        return frame
 
 
 class StoreFailed(Exception):
@@ -906,8 +950,10 @@ class StoreProcess:
     """:meth:`Dataset.store` in a process of its own, so that parsing, converting and SQLite's writes run beside
     the consumer's Kafka reads instead of after them (one Python thread cannot do both at once: both hold the GIL).
 
-    One batch at a time: :meth:`submit` sends it, :meth:`result` waits for its :class:`StoreOutcome` (the process
-    has committed the transaction then) and advances ``dataset``'s offsets. The process is ``python -m
+    Up to :attr:`MAX_IN_FLIGHT` batches at a time: :meth:`submit` sends one (into a pipe wide enough for both, so
+    that sending never waits for the process and the process never waits for the next batch), :meth:`result`
+    waits for the oldest's :class:`StoreOutcome` (the process has committed its transaction then; batches are stored
+    in the order sent) and advances ``dataset``'s offsets. The process is ``python -m
     rlhf.trainer.dataset --serve`` on the same file (SQLite serialises it with this process's writers); it exits
     when its stdin closes: on :meth:`close`, or when this process dies however it dies (a batch it had begun is
     committed whole or not at all, with its offsets)."""
@@ -922,17 +968,43 @@ class StoreProcess:
             [sys.executable, "-m", "rlhf.trainer.dataset", "--serve", dataset.path, repr(dataset.heldout_share),
              repr(dataset.join_timeout_s), str(dataset.cache_mb)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=env)
-        self.in_flight = False
+        self.in_flight = 0  # batches sent whose result was not read
         self._up = False  # _STARTED was read
+        self._replies = _Frames(self._proc.stdout.fileno())  # (the raw pipe: self._proc.stdout is never read)
+        self._widen(self._proc.stdin.fileno())
+
+    PIPE_BYTES = 1 << 20
+    """The request pipe's capacity (Linux's default 64 KiB holds a fifth of a 2,000-record batch: sending one then
+    waited until the process, busy storing the one before, read the rest)."""
+
+    @classmethod
+    def _widen(cls, fd: int) -> None:
+        """The pipe's capacity to :attr:`PIPE_BYTES`, or as much as this system allows (a narrower pipe only makes
+        sending wait)."""
+        import fcntl
+
+        setter = getattr(fcntl, "F_SETPIPE_SZ", None)  # (Linux)
+        if setter is None:
+            return
+        try:
+            limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        except (OSError, ValueError):
+            limit = cls.PIPE_BYTES
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, setter, min(cls.PIPE_BYTES, limit))
 
     @property
     def alive(self) -> bool:
         return self._proc.poll() is None
 
+    MAX_IN_FLIGHT = 2
+    """One stored while the next waits in the process: with one, the process idled between a batch's result and the
+    next batch (~15% of its time, benchmarks/README.md)."""
+
     def submit(self, batch: Sequence[PartitionRecords], now: float | None = None) -> None:
         """Send a poll's records (as :meth:`Dataset.store_partitions` takes them) to be stored."""
-        if self.in_flight:
-            raise RuntimeError("StoreProcess.submit: the previous batch's result was not read")
+        if self.in_flight >= self.MAX_IN_FLIGHT:
+            raise RuntimeError(f"StoreProcess.submit: {self.in_flight} batches in flight, their results not read")
         # Plain tuples of two lists a partition: pickled and read back at C speed, no object per record.
         columns = [(part.topic, part.partition, part.offsets, part.values) for part in batch]
         try:
@@ -940,38 +1012,42 @@ class StoreProcess:
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError) as e:
             raise StoreFailed(f"the store process exited (code {self._proc.poll()}): {e}") from e
-        self.in_flight = True
+        self.in_flight += 1
 
     def started(self) -> bool:
         """Whether the process is up, its dataset open (a fresh interpreter's imports take ~0.3 s; a batch submitted
         before waits for them). Raises :class:`StoreFailed` if it exited instead."""
-        if not self._up and select.select([self._proc.stdout], [], [], 0)[0]:
+        if not self._up and self._replies.arrived():
             self._read_started()
         return self._up
 
     def _read_started(self) -> None:
-        if self._proc.stdout.read(1) != _STARTED:
+        if self._replies.next() != _STARTED:
             raise StoreFailed(f"the store process exited at its start (code {self._proc.poll()})")
         self._up = True
 
     def ready(self) -> bool:
-        """Whether the batch in flight has its result (or the process exited): :meth:`result` would not wait."""
+        """Whether the oldest batch in flight has its result (or the process exited): :meth:`result` would not
+        wait."""
         if not self._up:
             try:
                 if not self.started():
                     return False
             except StoreFailed:
                 return True  # result() raises it
-        return bool(select.select([self._proc.stdout], [], [], 0)[0])
+        return self._replies.arrived()
 
     def result(self) -> StoreOutcome:
         if not self.in_flight:
             raise RuntimeError("StoreProcess.result: no batch in flight")
-        self.in_flight = False
+        self.in_flight -= 1
         if not self._up:
             self._read_started()
         try:
-            ok, value = pickle.load(self._proc.stdout)
+            frame = self._replies.next()
+            if frame is None:
+                raise EOFError("the pipe closed")
+            ok, value = pickle.loads(frame)
         except (EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
             raise StoreFailed(f"the store process exited (code {self._proc.poll()})") from e
         if not ok:
@@ -984,7 +1060,7 @@ class StoreProcess:
         return self.result()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Wait for the batch in flight (if any; its result is dropped) and end the process."""
+        """Wait for the batches in flight (if any; their results are dropped) and end the process."""
         with contextlib.suppress(OSError, ValueError):
             self._proc.stdin.close()
         try:
@@ -994,11 +1070,12 @@ class StoreProcess:
             self._proc.wait()
         with contextlib.suppress(OSError, ValueError):
             self._proc.stdout.close()
-        self.in_flight = False
+        self.in_flight = 0
 
 
 def _serve(path: str, heldout_share: float, join_timeout_s: float, cache_mb: int) -> int:
-    """The store process: batches from stdin, their outcomes to stdout, until stdin closes."""
+    """The store process: batches from stdin, their outcomes to stdout, until stdin closes (the next batch is
+    already in the pipe when one is stored: :meth:`StoreProcess._widen`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the trainer, which closes our stdin
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # stdout carries only replies
@@ -1007,22 +1084,27 @@ def _serve(path: str, heldout_share: float, join_timeout_s: float, cache_mb: int
     gc.freeze()  # what the imports made is never garbage: collections of the rows' young objects skip it (~1%)
     try:
         try:
-            replies.write(_STARTED)
+            replies.write(_frame(_STARTED))
             replies.flush()
         except BrokenPipeError:  # the trainer is gone already
             return 0
+        failed = ""
         while True:
             try:
                 columns, now = pickle.load(requests)
             except EOFError:
                 return 0
+            if failed:  # a batch after one that failed is not stored: its offsets would pass the failed one's records
+                reply = (False, f"not stored: a batch before it failed ({failed})")
+            else:
+                try:
+                    reply = (True, dataset.store_partitions(list(map(make, columns)), now))
+                except Exception as e:  # noqa: BLE001 - reported to the trainer, which reads them again
+                    log.exception("storing a batch failed")
+                    failed = f"{type(e).__name__}: {e}"
+                    reply = (False, failed)
             try:
-                reply = (True, dataset.store_partitions(list(map(make, columns)), now))
-            except Exception as e:  # noqa: BLE001 - reported to the trainer, which retries the batch
-                log.exception("storing a batch failed")
-                reply = (False, f"{type(e).__name__}: {e}")
-            try:
-                pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
+                replies.write(_frame(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)))
                 replies.flush()
             except BrokenPipeError:  # the trainer is gone; what was stored stays stored
                 return 0
