@@ -209,6 +209,7 @@ class _Pending(NamedTuple):
 
     kind: str
     needed: tuple[str, ...]
+    event: feedback_pb2.FeedbackEvent  # (parsed once: converted from this when its responses are stored)
     payload: bytes  # the rlhf.v1.FeedbackRecord
     topic: str
     partition: int
@@ -515,10 +516,11 @@ class Dataset:
         for event_id, kind, payload, topic, partition, offset in db.execute(
                 f"SELECT event_id, kind, payload, topic, partition, \"offset\" FROM feedback WHERE state='{PENDING}'"):
             try:
-                needed = convert.needed_responses(parse(payload).event, kind)
+                event = parse(payload).event
+                needed = convert.needed_responses(event, kind)
             except (DecodeError, Unusable):  # (it was read when stored); left to expire(), which dead-letters it
                 continue
-            events.append((event_id, _Pending(kind, needed, payload, topic, partition, offset)))
+            events.append((event_id, _Pending(kind, needed, event, payload, topic, partition, offset)))
         wanted = list({r for _, p in events for r in p.needed})
         stored = set(_existing(db, "responses", "response_id", wanted)) if wanted else set()
         for event_id, pending in events:
@@ -631,7 +633,7 @@ class Dataset:
             missing = [r for r in needed if rows.response(r) is None]
             if missing:
                 feedback_rows.append((event_id, kind, PENDING, value, now, topic, partition, offset, ""))
-                index.add(event_id, _Pending(kind, needed, value, topic, partition, offset), missing)
+                index.add(event_id, _Pending(kind, needed, event, value, topic, partition, offset), missing)
                 continue
             state, reason = self._convert(db, event, event_id, kind, needed, rows)
             feedback_rows.append((event_id, kind, state, value, now, topic, partition, offset, reason))
@@ -708,17 +710,16 @@ class Dataset:
         ready = index.arrived(arrived)
         if not ready:
             return
-        parse = events_pb2.FeedbackRecord.FromString
-        todo: list[tuple[str, _Pending, feedback_pb2.FeedbackEvent]] = []
+        todo: list[tuple[str, _Pending]] = []
         for event_id in ready:
             pending = index.pop(event_id)
             if pending is not None:
-                todo.append((event_id, pending, parse(pending.payload).event))
-        wanted = {r for _, pending, _ in todo for r in pending.needed if rows.response(r) is None}
+                todo.append((event_id, pending))
+        wanted = {r for _, pending in todo for r in pending.needed if rows.response(r) is None}
         if wanted:
             rows.known.update(self._responses(db, list(wanted)))
-        for event_id, p, event in todo:
-            state, reason = self._convert(db, event, event_id, p.kind, p.needed, rows)
+        for event_id, p in todo:
+            state, reason = self._convert(db, p.event, event_id, p.kind, p.needed, rows)
             rows.updates.append((state, reason, event_id))
             if state == DEAD:
                 rows.outbox_letter(event_id, p.payload, p.topic, p.partition, p.offset, reason, out)
