@@ -138,6 +138,19 @@ class PartitionRecords(typing.NamedTuple):
     """The records' values, one per offset."""
 
 
+def partition_records(messages: Iterable[Message]) -> list[PartitionRecords]:
+    """Messages as columns: one :class:`PartitionRecords` per partition, in the order of its first record, each
+    partition's records in their order."""
+    groups: dict[tuple[str, int], PartitionRecords] = {}
+    for m in messages:
+        records = groups.get((m.topic, m.partition))
+        if records is None:
+            records = groups[(m.topic, m.partition)] = PartitionRecords(m.topic, m.partition, [], [])
+        records.offsets.append(m.offset)
+        records.values.append(m.value)
+    return list(groups.values())
+
+
 class BatchResults:
     """The outcomes of one ``send_batch`` call, filled in from any thread as records resolve.
 
@@ -219,14 +232,7 @@ class Consumer(abc.ABC):
 
         This default groups ``poll``'s records (which keep their partition's order); an implementation that can
         build the columns without a Message per record overrides it (Kafka does)."""
-        groups: dict[TopicPartition, PartitionRecords] = {}
-        for m in self.poll(timeout_s, max_records):
-            records = groups.get((m.topic, m.partition))
-            if records is None:
-                records = groups[(m.topic, m.partition)] = PartitionRecords(m.topic, m.partition, [], [])
-            records.offsets.append(m.offset)
-            records.values.append(m.value)
-        return list(groups.values())
+        return partition_records(self.poll(timeout_s, max_records))
 
     @abc.abstractmethod
     def commit(self, messages: Sequence[Message] | None = None) -> None:

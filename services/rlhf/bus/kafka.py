@@ -519,14 +519,18 @@ class KafkaGroupConsumer(Consumer):
                     raise _bus_error(e, "position failed") from e
         return out
 
-    def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Message]:
+    def _poll(self, timeout_s: float, max_records: int) -> dict:
+        """kafka-python's ``{TopicPartition: [ConsumerRecord, ...]}`` of one poll, its errors as BusError."""
         if self._closed:
             raise BusError("poll on a closed consumer")
         check_poll(timeout_s, max_records)
         try:
-            batches = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+            return self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except Exception as e:
             raise _bus_error(e, "poll failed") from e
+
+    def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Message]:
+        batches = self._poll(timeout_s, max_records)
         return [
             Message(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers) if r.headers else (), r.timestamp)
             for records in batches.values()
@@ -536,13 +540,7 @@ class KafkaGroupConsumer(Consumer):
     def poll_partitions(self, timeout_s: float = 1.0, max_records: int = 500) -> list[PartitionRecords]:
         """See :meth:`Consumer.poll_partitions`: the columns straight from kafka-python's
         ``{TopicPartition: [ConsumerRecord, ...]}`` (one poll, like :meth:`poll`), no Message built."""
-        if self._closed:
-            raise BusError("poll on a closed consumer")
-        check_poll(timeout_s, max_records)
-        try:
-            batches = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
-        except Exception as e:
-            raise _bus_error(e, "poll failed") from e
+        batches = self._poll(timeout_s, max_records)
         return [
             PartitionRecords(tp.topic, tp.partition, [r.offset for r in rs], [r.value for r in rs])
             for tp, rs in batches.items()

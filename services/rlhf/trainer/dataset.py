@@ -45,7 +45,7 @@ from google.protobuf.message import DecodeError
 from json.encoder import encode_basestring_ascii as _encode_str
 
 from rlhf.bus import topics
-from rlhf.bus.base import Message, PartitionRecords, TopicPartition
+from rlhf.bus.base import Message, PartitionRecords, TopicPartition, partition_records
 from rlhf.trainer import convert
 from rlhf.trainer.convert import Comparison, Demonstration, Prompt, RatingValue, StoredResponse, Unusable
 from rlhf.v1 import events_pb2, feedback_pb2
@@ -290,18 +290,6 @@ def _insert_rows(db: sqlite3.Connection, head: str, width: int, rows: Sequence[t
         db.executemany(sql, [tuple(chain(rows[i:i + _ROWS_PER_INSERT])) for i in range(0, full, _ROWS_PER_INSERT)])
     if full < len(rows):
         db.executemany(head + one, rows[full:])
-
-
-def partition_records(messages: Iterable[Message]) -> list[PartitionRecords]:
-    """Messages as :meth:`Dataset.store_partitions` takes them: grouped by partition, in their order."""
-    parts: dict[TopicPartition, PartitionRecords] = {}
-    for m in messages:
-        part = parts.get((m.topic, m.partition))
-        if part is None:
-            part = parts[(m.topic, m.partition)] = PartitionRecords(m.topic, m.partition, [], [])
-        part.offsets.append(m.offset)
-        part.values.append(m.value)
-    return list(parts.values())
 
 
 class Dataset:
