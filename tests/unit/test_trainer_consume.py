@@ -320,3 +320,19 @@ def test_the_pipelined_consumer_stores_every_record_once_and_commits_after_stori
         consumer.stop()
         ds.close()
         bus.close()
+
+
+def test_the_page_cache_and_checkpoint_interval_reach_every_connection_and_the_store_process(tmp_path):
+    ds = Dataset(str(tmp_path / "tuned.sqlite"), cache_mb=8, checkpoint_pages=123)
+    try:
+        db = ds._db()
+        assert db.execute("PRAGMA cache_size").fetchone() == (-8 * 1024,)
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone() == (123,)
+        store = StoreProcess(ds)
+        try:
+            _started(store)  # (it parsed its arguments and opened the file)
+            assert store._proc.args[-2:] == ["8", "123"] and store.alive
+        finally:
+            store.close()
+    finally:
+        ds.close()

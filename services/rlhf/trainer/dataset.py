@@ -298,9 +298,11 @@ class Dataset:
     RECENT_RESPONSES = 20_000
 
     def __init__(self, path: str, *, heldout_share: float = 0.1, join_timeout_s: float = 300.0,
-                 cache_mb: int = 64) -> None:
+                 cache_mb: int = 64, checkpoint_pages: int = 10_000) -> None:
         self.path = path
         self.cache_mb = cache_mb
+        self.checkpoint_pages = checkpoint_pages
+        """PRAGMA wal_autocheckpoint of each connection (TrainerConfig.dataset_checkpoint_pages)."""
         """SQLite's page cache of each connection, in MiB (PRAGMA cache_size; pages are allocated as used, so a
         reader's connection does not take it all)."""
         self.heldout_share = heldout_share
@@ -350,6 +352,7 @@ class Dataset:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
             db.execute(f"PRAGMA cache_size={-1024 * int(self.cache_mb)}")  # (negative: KiB)
+            db.execute(f"PRAGMA wal_autocheckpoint={int(self.checkpoint_pages)}")
             self._local.db = db
         return db
 
@@ -955,8 +958,8 @@ class StoreProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "rlhf.trainer.dataset", "--serve", dataset.path, repr(dataset.heldout_share),
-             repr(dataset.join_timeout_s), str(dataset.cache_mb)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env=env)
+             repr(dataset.join_timeout_s), str(dataset.cache_mb), str(dataset.checkpoint_pages)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.in_flight = 0  # batches sent whose result was not read
         self._up = False  # _STARTED was read
         self._replies = _Frames(self._proc.stdout.fileno())  # (the raw pipe: self._proc.stdout is never read)
@@ -1062,13 +1065,14 @@ class StoreProcess:
         self.in_flight = 0
 
 
-def _serve(path: str, heldout_share: float, join_timeout_s: float, cache_mb: int) -> int:
+def _serve(path: str, heldout_share: float, join_timeout_s: float, cache_mb: int, checkpoint_pages: int) -> int:
     """The store process: batches from stdin, their outcomes to stdout, until stdin closes (the next batch is
     already in the pipe when one is stored: :meth:`StoreProcess._widen`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the trainer, which closes our stdin
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # stdout carries only replies
-    dataset = Dataset(path, heldout_share=heldout_share, join_timeout_s=join_timeout_s, cache_mb=cache_mb)
+    dataset = Dataset(path, heldout_share=heldout_share, join_timeout_s=join_timeout_s, cache_mb=cache_mb,
+                      checkpoint_pages=checkpoint_pages)
     make = PartitionRecords._make
     gc.freeze()  # what the imports made is never garbage: collections of the rows' young objects skip it (~1%)
     try:
@@ -1102,9 +1106,11 @@ def _serve(path: str, heldout_share: float, join_timeout_s: float, cache_mb: int
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--serve":
+    if len(sys.argv) == 7 and sys.argv[1] == "--serve":
         logging.basicConfig(level=logging.WARNING)
         from rlhf.trainer import dataset as _module  # its classes, not __main__'s, in what is pickled
 
-        raise SystemExit(_module._serve(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
-    raise SystemExit("usage: python -m rlhf.trainer.dataset --serve PATH HELDOUT_SHARE JOIN_TIMEOUT_S CACHE_MB")
+        raise SystemExit(_module._serve(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]),
+                                        int(sys.argv[6])))
+    raise SystemExit("usage: python -m rlhf.trainer.dataset --serve PATH HELDOUT_SHARE JOIN_TIMEOUT_S CACHE_MB "
+                     "CHECKPOINT_PAGES")

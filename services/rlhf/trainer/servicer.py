@@ -148,7 +148,8 @@ class TrainerComponent(ServiceComponent):
         self.config: TrainerConfig = config
         os.makedirs(os.path.dirname(os.path.abspath(config.dataset_path)), exist_ok=True)
         self.dataset = Dataset(config.dataset_path, heldout_share=config.heldout_share,
-                               join_timeout_s=config.join_timeout_s, cache_mb=config.dataset_cache_mb)
+                               join_timeout_s=config.join_timeout_s, cache_mb=config.dataset_cache_mb,
+                               checkpoint_pages=config.dataset_checkpoint_pages)
         self.reward = RewardVersionTrainer(config, self.dataset, self.bus)
         skips_history = getattr(getattr(self.bus, "config", None), "auto_offset_reset", "earliest") == "latest"
         self.consumer = FeedbackConsumer(self.bus, self.dataset, group=config.group_id,
