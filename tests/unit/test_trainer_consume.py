@@ -336,3 +336,19 @@ def test_the_page_cache_and_checkpoint_interval_reach_every_connection_and_the_s
             store.close()
     finally:
         ds.close()
+
+
+def test_an_event_that_expired_leaves_the_join_index_whole(dataset):
+    """expire() dead-letters an event whose responses never came: it leaves the writer's index, including the lists
+    of what waits for those responses (which may never come), and a response arriving later converts nothing."""
+    dataset.store([feedback_message(ranking("gone", "never1", "never2")), feedback_message(ranking("kept", "k1", "k2"))],
+                  now=100.0)
+    dataset.store([feedback_message(ranking("late", "k1", "never3"))], now=150.0)
+    assert sorted(dataset._join.waiting) == ["k1", "k2", "never1", "never2", "never3"]
+    out = dataset.expire(now=100.0 + 61)  # join_timeout_s 60: "gone" and "kept" expire, "late" waits on
+    assert out.dead == {"join_timeout": 2}
+    assert "never1, never2 not seen" in dataset.dead_reason("gone")
+    assert sorted(dataset._join.waiting) == ["k1", "never3"] and sorted(dataset._join.pending) == ["late"]
+    assert dataset.store([response_message(served("k1", "q", "a")), response_message(served("k2", "q", "b"))]
+                         ).comparisons == 0
+    assert dict(dataset.feedback_events()) == {"gone": "dead", "kept": "dead", "late": "pending"}

@@ -168,7 +168,7 @@ class FeedbackConsumer(RebalanceListener):
         # to StoreProcess.MAX_IN_FLIGHT batches in flight (the oldest waited for when that many are).
         store = self._store if self._store.started() else self._inline
         if batch:
-            while len(self._in_flight) >= getattr(store, "MAX_IN_FLIGHT", 1):
+            while len(self._in_flight) >= store.MAX_IN_FLIGHT:
                 stored.append(self._collect())
         if time.monotonic() >= self._next_housekeeping:
             while self._in_flight:  # 4. between batches: its writes never wait for one being stored
@@ -270,6 +270,8 @@ class FeedbackConsumer(RebalanceListener):
 
 class _InlineStore:
     """:class:`StoreProcess`'s interface on the consumer's own thread (``store_process=False``)."""
+
+    MAX_IN_FLIGHT = 1  # (stored at once, in submit)
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset

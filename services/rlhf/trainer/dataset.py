@@ -209,7 +209,7 @@ class _Pending(NamedTuple):
 
     kind: str
     needed: tuple[str, ...]
-    event: feedback_pb2.FeedbackEvent  # (parsed once: converted from this when its responses are stored)
+    event: feedback_pb2.FeedbackEvent | None  # (parsed once: converted from this; None: its payload is unreadable)
     payload: bytes  # the rlhf.v1.FeedbackRecord
     topic: str
     partition: int
@@ -267,8 +267,14 @@ class _JoinIndex:
         return ready
 
     def pop(self, event_id: str) -> _Pending | None:
-        """Take an event out of the index (converted, or dead)."""
-        self.missing.pop(event_id, None)  # its entries in ``waiting`` go when those responses arrive
+        """Take an event out of the index (converted, or dead: then the responses it still waited for may never
+        come, and it leaves their ``waiting`` lists too)."""
+        for r in self.missing.pop(event_id, ()):
+            events = self.waiting.get(r)
+            if events is not None:
+                events.remove(event_id)
+                if not events:
+                    del self.waiting[r]
         self.changed = True
         return self.pending.pop(event_id, None)
 
@@ -301,10 +307,10 @@ class Dataset:
                  cache_mb: int = 64, checkpoint_pages: int = 10_000) -> None:
         self.path = path
         self.cache_mb = cache_mb
-        self.checkpoint_pages = checkpoint_pages
-        """PRAGMA wal_autocheckpoint of each connection (TrainerConfig.dataset_checkpoint_pages)."""
         """SQLite's page cache of each connection, in MiB (PRAGMA cache_size; pages are allocated as used, so a
         reader's connection does not take it all)."""
+        self.checkpoint_pages = checkpoint_pages
+        """PRAGMA wal_autocheckpoint of each connection (TrainerConfig.dataset_checkpoint_pages)."""
         self.heldout_share = heldout_share
         self.join_timeout_s = join_timeout_s
         self._local = threading.local()
@@ -502,24 +508,35 @@ class Dataset:
 
     def _load_join(self, db: sqlite3.Connection, version: int) -> _JoinIndex:
         index = _JoinIndex(version)
-        parse = events_pb2.FeedbackRecord.FromString
-        events: list[tuple[str, _Pending]] = []
-        for event_id, kind, payload, topic, partition, offset in db.execute(
-                f"SELECT event_id, kind, payload, topic, partition, \"offset\" FROM feedback WHERE state='{PENDING}'"):
-            try:
-                event = parse(payload).event
-                needed = convert.needed_responses(event, kind)
-            except (DecodeError, Unusable):  # (it was read when stored); left to expire(), which dead-letters it
-                continue
-            events.append((event_id, _Pending(kind, needed, event, payload, topic, partition, offset)))
-        wanted = list({r for _, p in events for r in p.needed})
-        stored = set(_existing(db, "responses", "response_id", wanted)) if wanted else set()
-        for event_id, pending in events:
-            index.add(event_id, pending, [r for r in pending.needed if r not in stored])
+        events = self._read_pending(db)
+        for event_id, pending, missing in events:
+            if pending.event is not None:  # (it was read when stored); else left to expire(), which dead-letters it
+                index.add(event_id, pending, missing)
         if events:
             log.info("join index: %d pending feedback events (%d ready) read from the dataset", len(events),
                      len(index.ready))
         return index
+
+    @staticmethod
+    def _read_pending(db: sqlite3.Connection, stored_before: float | None = None
+                      ) -> list[tuple[str, _Pending, list[str]]]:
+        """The pending feedback events (stored before ``stored_before``, when given), each with the responses it
+        still waits for, read from their rows and one lookup of the stored responses."""
+        parse = events_pb2.FeedbackRecord.FromString
+        sql = f"SELECT event_id, kind, payload, topic, partition, \"offset\" FROM feedback WHERE state='{PENDING}'"
+        rows = db.execute(sql, ()) if stored_before is None else db.execute(sql + " AND stored_at < ?",
+                                                                           (stored_before,))
+        events: list[tuple[str, _Pending]] = []
+        for event_id, kind, payload, topic, partition, offset in rows:
+            try:
+                event = parse(payload).event
+                needed = convert.needed_responses(event, kind)
+            except (DecodeError, Unusable):
+                event, needed = None, ()
+            events.append((event_id, _Pending(kind, needed, event, payload, topic, partition, offset)))
+        wanted = list({r for _, p in events for r in p.needed})
+        stored = set(_existing(db, "responses", "response_id", wanted)) if wanted else set()
+        return [(event_id, p, [r for r in p.needed if r not in stored]) for event_id, p in events]
 
     @staticmethod
     def _bump_join(db: sqlite3.Connection, index: _JoinIndex) -> None:
@@ -720,23 +737,15 @@ class Dataset:
         now = time.time() if now is None else now
         out = StoreOutcome()
         with self._tx() as db:
-            expired = db.execute(f"SELECT event_id, kind, payload, topic, partition, \"offset\" FROM feedback "
-                                 f"WHERE state='{PENDING}' AND stored_at < ?", (now - self.join_timeout_s,)).fetchall()
+            expired = self._read_pending(db, stored_before=now - self.join_timeout_s)
             if not expired:
                 return out
             rows = _Rows(now)
-            parse = events_pb2.FeedbackRecord.FromString
-            for event_id, kind, payload, topic, partition, offset in expired:
-                try:
-                    needed = convert.needed_responses(parse(payload).event, kind)
-                except (DecodeError, Unusable):
-                    needed = ()
-                stored = set(_existing(db, "responses", "response_id", list(needed))) if needed else set()
-                missing = [r for r in needed if r not in stored]
+            for event_id, p, missing in expired:
                 reason = (f"responses {', '.join(missing)} not seen on {topics.RESPONSES} within "
                           f"{self.join_timeout_s:.0f}s")
                 rows.updates.append((DEAD, reason, event_id))
-                rows.outbox_letter(event_id, payload, topic, partition, offset, reason, out)
+                rows.outbox_letter(event_id, p.payload, p.topic, p.partition, p.offset, reason, out)
             version = self._join_version(db)
             current = self._join is not None and self._join.version == version
             index = self._join if current else _JoinIndex(version)  # (a stale one is rebuilt when next needed)
