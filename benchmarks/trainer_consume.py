@@ -10,13 +10,16 @@ of the same topics, in the same run; and reward-model retraining time per 1,000 
 The records are written once (a third served responses, a sixth rankings of two of them, half demonstrations) to
 rlhf.responses.v1 and rlhf.feedback.v1; each repeat then reads exactly that range:
 * ``raw``: ``kafka.KafkaConsumer`` assigned to the partitions, seeking to the range's start, polling until it has
-  every record (it parses nothing and stores nothing: the floor of reading);
+  every record (it parses nothing and stores nothing: the floor of reading), with kafka-python's defaults;
+* ``raw, same fetch size``: the same with the trainer's ``max_partition_fetch_bytes`` (KafkaConfig's
+  ``fetch_partition_bytes``, 8 MiB against kafka-python's 1 MiB), so that the trainer's own fetch setting is not
+  what makes the difference;
 * ``trainer``: the trainer's ``FeedbackConsumer`` (a group member with its rebalance listener; storing in its store
   process, or with ``--store-thread`` on its consumer thread) over a new dataset whose start offsets are the range's
   start, until the dataset holds every record.
-Both use kafka-python's default fetch settings and at most 2,000 records per poll, and both clocks start before the
-consumer connects (the raw one's first polls wait ~0.2 s for metadata, the trainer's for its group to assign it).
-Repeats alternate (raw, trainer, ...); medians are reported. Goal: trainer >= 0.8x of raw.
+All read at most 2,000 records a poll, and every clock starts before the consumer connects (a raw one's first polls
+wait ~0.2 s for metadata, the trainer's for its group to assign it). Repeats alternate (raw, raw with the trainer's
+fetch size, trainer, ...); medians are reported. Goal: trainer >= 0.8x of raw.
 Also printed: CPU per record of each side (the raw consumer's process; the trainer's process and its store process,
 whose start is included), and the steady rates, from the first records received (or stored) to the last, which
 leave out the connection, the group join and the store process's start.
@@ -82,12 +85,13 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def raw(bootstrap: str, starts: dict, n: int) -> Run:
+def raw(bootstrap: str, starts: dict, n: int, fetch_bytes: int | None = None) -> Run:
     from kafka import KafkaConsumer, TopicPartition
 
     cpu = time.process_time()
     started = time.perf_counter()  # like the trainer's: from before the consumer connects
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                      **({"max_partition_fetch_bytes": fetch_bytes} if fetch_bytes else {}))
     tps = {TopicPartition(t, p): o for (t, p), o in starts.items()}
     c.assign(list(tps))
     for tp, o in tps.items():
@@ -194,10 +198,11 @@ def main() -> int:
         bus.ensure_topics(topics.platform_topics(partitions=3))
         written = produce(bus, args.records)
         n = written["records"]
-        raws, trainers, cpu = [], [], {"raw": [], "trainer": [], "store_process": []}
+        raws, tuned, trainers, cpu = [], [], [], {"raw": [], "trainer": [], "store_process": []}
         steady: dict[str, list[float]] = {"raw": [], "trainer": []}
         for _ in range(args.repeats):
             r = raw(bootstrap, written["starts"], n)
+            tuned.append(n / raw(bootstrap, written["starts"], n, bus.config.fetch_partition_bytes).seconds)
             t = trainer(bus, written["starts"], n, workdir, store_process=not args.store_thread)
             raws.append(n / r.seconds)
             trainers.append(n / t.seconds)
@@ -205,7 +210,8 @@ def main() -> int:
             steady["trainer"].append(t.steady_records_per_s)
             for key, seconds in (("raw", r.cpu_s), ("trainer", t.cpu_s), ("store_process", t.store_cpu_s)):
                 cpu[key].append(seconds * 1e6 / n)
-            print(f"raw {raws[-1]:9.0f} records/s   trainer {trainers[-1]:9.0f} records/s ({trainers[-1] / raws[-1]:.2f}x)"
+            print(f"raw {raws[-1]:9.0f} records/s   raw, same fetch size {tuned[-1]:9.0f}   trainer "
+                  f"{trainers[-1]:9.0f} records/s ({trainers[-1] / raws[-1]:.2f}x, {trainers[-1] / tuned[-1]:.2f}x)"
                   f"   CPU per record: raw "
                   f"{cpu['raw'][-1]:.1f} us, trainer {cpu['trainer'][-1]:.1f} us + store process "
                   f"{cpu['store_process'][-1]:.1f} us; steady: raw {steady['raw'][-1]:.0f}, trainer "
@@ -223,6 +229,10 @@ def main() -> int:
         pair_ratios = sorted(t / r for t, r in zip(trainers, raws))
         result["pair_ratios"] = pair_ratios
         result["median_pair_ratio"] = statistics.median(pair_ratios)
+        tuned_ratios = sorted(t / r for t, r in zip(trainers, tuned))
+        result.update({"raw_same_fetch_records_per_s": statistics.median(tuned), "runs_raw_same_fetch": tuned,
+                       "same_fetch_pair_ratios": tuned_ratios,
+                       "median_same_fetch_pair_ratio": statistics.median(tuned_ratios)})
         print(f"median: raw {result['raw_records_per_s']:.0f}, trainer {result['trainer_records_per_s']:.0f} "
               f"records/s, ratio {result['ratio']:.2f}; CPU per record: raw {result['cpu_us_per_record']['raw']:.1f} "
               f"us, trainer {result['cpu_us_per_record']['trainer']:.1f} us + store process "
@@ -231,6 +241,9 @@ def main() -> int:
               f"{result['steady_records_per_s']['trainer']:.0f} records/s, ratio {result['steady_ratio']:.2f}")
         print(f"ratio per repeat (trainer / raw, back to back): median {result['median_pair_ratio']:.2f}, "
               f"range {pair_ratios[0]:.2f}-{pair_ratios[-1]:.2f}")
+        print(f"against raw with the trainer's fetch size: {result['raw_same_fetch_records_per_s']:.0f} records/s, "
+              f"ratio per repeat median {result['median_same_fetch_pair_ratio']:.2f}, range "
+              f"{tuned_ratios[0]:.2f}-{tuned_ratios[-1]:.2f}")
     sizes = [int(x) for x in args.rm_comparisons.split(",") if x.strip() and int(x) > 0]
     result["retraining"] = retraining(sizes, workdir) if sizes else []
     result["load_after"] = os.getloadavg()

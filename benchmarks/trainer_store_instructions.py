@@ -5,8 +5,9 @@ to the store can be measured on its own (``trainer_consume.py`` measures the who
 
     python benchmarks/trainer_store_instructions.py --records 6000      # needs valgrind (Debian's package)
 
-It runs itself twice under cachegrind, once storing the batches and once only building them, and divides the
-difference by the number of records. Batches are 2,000 records, responses and feedback interleaved 500 at a time
+It runs itself three times under cachegrind: building the batches; building and parsing them
+(``parse_partitions``, the consumer thread's share since the fifth round); building, parsing and storing them. The
+differences, divided by the number of records, are the parse's and the store process's instructions a record. Batches are 2,000 records, responses and feedback interleaved 500 at a time
 (so that some rankings wait for responses of the next batch, as when partitions move at different speeds).
 """
 from __future__ import annotations
@@ -54,15 +55,20 @@ def batches(n: int, order: str = "interleaved") -> list:
     return [partition_records(messages[i:i + 2000]) for i in range(0, len(messages), 2000)]
 
 
-def child(n: int, store: bool, sizes: bool = False, order: str = "interleaved") -> None:
+BUILD, STORE, PARSE = 0, 1, 2  # what a child run does past building the batches (--child)
+
+
+def child(n: int, stage: int, sizes: bool = False, order: str = "interleaved") -> None:
     import gc
 
-    from rlhf.trainer.dataset import Dataset
+    from rlhf.trainer.dataset import Dataset, parse_partitions
 
     work = batches(n, order)
     dataset = Dataset(os.path.join(tempfile.mkdtemp(prefix="store-instructions-"), "dataset.sqlite"))
     gc.freeze()  # as the store process does
-    if store:
+    if stage in (PARSE, STORE):
+        work = [parse_partitions(batch) for batch in work]
+    if stage == STORE:
         for batch in work:
             dataset.store_partitions(batch, now=1.0)
     if sizes:  # (for the test; not while counted)
@@ -70,10 +76,10 @@ def child(n: int, store: bool, sizes: bool = False, order: str = "interleaved") 
     dataset.close()
 
 
-def instructions(n: int, store: bool, out_dir: str, order: str) -> int:
-    out = os.path.join(out_dir, f"cachegrind.{int(store)}")
+def instructions(n: int, stage: int, out_dir: str, order: str) -> int:
+    out = os.path.join(out_dir, f"cachegrind.{stage}")
     proc = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}",
-                           sys.executable, __file__, "--child", str(int(store)), "--records", str(n),
+                           sys.executable, __file__, "--child", str(stage), "--records", str(n),
                            "--order", order],
                           capture_output=True, text=True, check=True)
     found = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
@@ -85,22 +91,23 @@ def instructions(n: int, store: bool, out_dir: str, order: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=6000)
-    parser.add_argument("--child", type=int, choices=(0, 1), help=argparse.SUPPRESS)
+    parser.add_argument("--child", type=int, choices=(BUILD, STORE, PARSE), help=argparse.SUPPRESS)
     parser.add_argument("--order", choices=ORDERS + ("both",), default="both",
                         help="the records' order (see batches()); both: each in turn")
     parser.add_argument("--print-sizes", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.records, bool(args.child), args.print_sizes, args.order)
+        child(args.records, args.child, args.print_sizes, args.order)
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
     for order in ORDERS if args.order == "both" else (args.order,):
         with tempfile.TemporaryDirectory() as out_dir:
-            built = instructions(args.records, False, out_dir, order)
-            stored = instructions(args.records, True, out_dir, order)
-        print(f"Dataset.store_partitions, {order}: {(stored - built) / args.records:,.0f} instructions per record "
-              f"({args.records} records)")
+            built, parsed, stored = (instructions(args.records, stage, out_dir, order)
+                                     for stage in (BUILD, PARSE, STORE))
+        print(f"{order}: parse_partitions {(parsed - built) / args.records:,.0f} + Dataset.store_partitions (parsed) "
+              f"{(stored - parsed) / args.records:,.0f} = {(stored - built) / args.records:,.0f} instructions per "
+              f"record ({args.records} records)")
     return 0
 
 

@@ -399,6 +399,8 @@ def test_config_validation_says_what_to_fix() -> None:
         KafkaConfig(compression="brotli")
     with pytest.raises(ValueError, match="sasl_mechanism"):
         KafkaConfig(security_protocol="SASL_SSL")
+    with pytest.raises(ValueError, match="fetch_partition_bytes"):
+        KafkaConfig(fetch_partition_bytes=10)
     assert "hunter2" not in repr(KafkaConfig(sasl_password="hunter2", ssl_password="hunter2"))
 
 
@@ -411,6 +413,9 @@ def test_config_from_url() -> None:
     assert kw["bootstrap_servers"] == ["a:1", "b:2"]
     consumer = c.consumer_kwargs("g", None)
     assert consumer["enable_auto_commit"] is False and consumer["auto_offset_reset"] == "earliest"
+    assert consumer["max_partition_fetch_bytes"] == c.reader_kwargs(None)["max_partition_fetch_bytes"] == 8 << 20
+    tuned = KafkaConfig.from_url("kafka://a:1?fetch_partition_bytes=1048576&fast_fetch=false")
+    assert tuned.consumer_kwargs("g", None)["max_partition_fetch_bytes"] == 1 << 20 and tuned.fast_fetch is False
     with pytest.raises(ValueError, match="unknown KafkaConfig field"):
         KafkaConfig.from_url("kafka://a:1?lingr_s=1")
     with pytest.raises(ValueError, match="not a float"):

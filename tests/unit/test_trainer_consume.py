@@ -242,12 +242,12 @@ def test_the_store_process_takes_two_batches_and_answers_each_in_order(dataset):
 def test_a_batch_after_one_that_failed_is_not_stored(dataset):
     """A batch that fails in the store process is not stored; nor is one sent after it (storing it would move
     the offsets past the failed batch's records, which would then never be stored)."""
-    from rlhf.bus.base import PartitionRecords
+    from rlhf.trainer.dataset import ParsedPartition
 
     store = StoreProcess(dataset)
     try:
         _started(store)
-        broken = [PartitionRecords(topics.RESPONSES, 0, [0], [12345])]  # not bytes: storing it raises
+        broken = [ParsedPartition(topics.RESPONSES, 0, [0], [b"x"], [12345])]  # no parsed item: storing it raises
         store.submit(broken)
         store.submit(partition_records([response_message(served("after", "q", "x"))]))
         with pytest.raises(StoreFailed, match="TypeError"):

@@ -87,10 +87,22 @@ def test_unusable_events_are_dead_lettered_and_not_trained_on(dataset):
     assert "different prompts" in reasons[1] and "cannot parse" in reasons[0]
 
 
+def test_records_without_a_value_are_dead_lettered_with_their_offsets_stored(dataset):
+    """A tombstone (a record whose value is null, as a compacting producer writes) on either topic is dead-lettered,
+    and its offset stored: it neither fails the batch (which would then be read again forever) nor is lost."""
+    out = dataset.store([message(topics.RESPONSES, None), message(topics.FEEDBACK, None),
+                         response_message(served("r-ok", "q", "x"))])
+    assert out.dead == {"unparsable": 2} and out.stored == {"response": 1}
+    letters = [events_pb2.DeadLetter.FromString(d.payload) for d in dataset.dead_letters()]
+    assert sorted(letter.source_topic for letter in letters) == sorted([topics.RESPONSES, topics.FEEDBACK])
+    assert all("no value" in letter.reason and letter.payload == b"" for letter in letters)
+    assert set(dataset.stored_offsets()) == {(topics.RESPONSES, 0), (topics.FEEDBACK, 0)}
+
+
 def test_redelivered_and_duplicate_records_are_stored_once(dataset, tmp_path):
     batch = responses(("r1", "q", "x"), ("r2", "q", "y")) + [feedback_message(ranking("e1", "r1", "r2"))]
     first = dataset.store(batch)
-    again = dataset.store(batch)  # the same offsets: skipped before parsing
+    again = dataset.store(batch)  # the same offsets: skipped, not stored
     assert sum(first.stored.values()) == 3 and sum(again.stored.values()) == 0
     assert again.duplicates["redelivered"] == 3
     repeat = feedback_message(ranking("e1", "r1", "r2"))  # the same event_id at a new offset
@@ -191,3 +203,26 @@ def test_a_dataset_of_the_first_schema_is_migrated_once_and_keeps_everything(tmp
     again = Dataset(path)  # migrated once: opening it again changes nothing
     assert len(again.demonstrations()) == 1 and again.count_comparisons() == 1
     again.close()
+
+
+def test_records_parsed_beforehand_are_stored_as_if_parsed_by_the_store(tmp_path):
+    """parse_partitions (run on the consumer's thread) then store_partitions stores what store_partitions alone
+    stores from the same records; parsed partitions are not parsed again."""
+    from rlhf.bus.base import partition_records
+
+    batch = partition_records(
+        responses(("r1", "cook rice", "rinse it"), ("r2", "cook rice", "burn it"), ("r3", "plan", "go"))
+        + [feedback_message(ranking("k1", "r1", "r2")), feedback_message(pairwise("p1", "r2", "r1")),
+           feedback_message(thumb("t1", "r1", True)), feedback_message(thumb("t2", "r2", False)),
+           feedback_message(edit("ed", "r3", "go now")), feedback_message(demonstration("d1", "q", "a")),
+           feedback_message(ranking("wait", "r1", "r-later")), message(topics.FEEDBACK, b"\xff junk")])
+    parsed = dataset_module.parse_partitions(batch)
+    assert dataset_module.parse_partitions(parsed) == parsed and all(len(p.items) == len(p.offsets) for p in parsed)
+    stores = [Dataset(str(tmp_path / f"{name}.sqlite")) for name in ("raw", "parsed")]
+    outcomes = [stores[0].store_partitions(batch, now=5.0), stores[1].store_partitions(parsed, now=5.0)]
+    assert outcomes[0] == outcomes[1]
+    assert stores[0].sizes() == stores[1].sizes() and stores[0].sizes()["feedback_pending"] == 1
+    assert [c.comparison for c in stores[0].comparisons()] == [c.comparison for c in stores[1].comparisons()]
+    assert stores[0].demonstrations() == stores[1].demonstrations()
+    for ds in stores:
+        ds.close()

@@ -34,7 +34,7 @@ import kafka
 import kafka.errors as kerr
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from rlhf.bus import kafka_batch
+from rlhf.bus import kafka_batch, kafka_fetch
 from rlhf.bus.base import (
     BatchResults, Bus, BusError, BusUnavailable, Consumer, Message, PartitionRecords, RebalanceListener,
     RecordMetadata, TopicSpec, check_poll, check_record, check_topic_specs,
@@ -104,6 +104,16 @@ class KafkaConfig:
     """Password of ``ssl_keyfile``; kept out of repr."""
     ssl_check_hostname: bool = True
     """Check that a broker's certificate names the host connected to."""
+    fetch_partition_bytes: int = 8 * 1024 * 1024
+    """Most bytes a consumer fetches from one partition per request (kafka-python's ``max_partition_fetch_bytes``,
+    1 MiB by default). At 1 MiB a backlog of small records is read in many round trips, each leaving the consumer
+    idle while the broker answers: a raw kafka-python consumer read 150,000 records at ~70,000 records/s with 1 MiB
+    and ~110,000 with 8 MiB (benchmarks/README.md). Memory: up to this much is buffered per assigned partition (a
+    response is capped at 50 MiB whatever the number of partitions). It must hold the largest record batch."""
+    fast_fetch: bool = True
+    """Consumers decode fetched record batches with :mod:`rlhf.bus.kafka_records` (about half a raw kafka-python
+    consumer's CPU a record: its own decoding was most of it; see :mod:`rlhf.bus.kafka_fetch` for where and why it
+    falls back to the client's). False: kafka-python decodes them itself."""
 
     def __post_init__(self) -> None:
         servers = [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
@@ -133,6 +143,8 @@ class KafkaConfig:
             raise ValueError(f"KafkaConfig.auto_offset_reset must be 'earliest' or 'latest', got {self.auto_offset_reset!r}")
         if self.batch_size_bytes < 1 or self.max_request_size_bytes < 1:
             raise ValueError("KafkaConfig.batch_size_bytes and max_request_size_bytes must be positive")
+        if self.fetch_partition_bytes < 1024:
+            raise ValueError(f"KafkaConfig.fetch_partition_bytes must be at least 1024, got {self.fetch_partition_bytes}")
         if self.compression not in _COMPRESSION:
             raise ValueError(f"KafkaConfig.compression must be one of {_COMPRESSION}, got {self.compression!r}")
         if self.security_protocol not in _SECURITY_PROTOCOLS:
@@ -217,6 +229,7 @@ class KafkaConfig:
             "auto_offset_reset": self.auto_offset_reset,  # earliest: a new group reads what was written before it
             "session_timeout_ms": int(self.session_timeout_s * 1000),
             "heartbeat_interval_ms": int(self.heartbeat_interval_s * 1000),
+            "max_partition_fetch_bytes": self.fetch_partition_bytes,
         }
 
     def reader_kwargs(self, client_id: str | None) -> dict[str, Any]:
@@ -227,6 +240,7 @@ class KafkaConfig:
             "group_id": None,
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
+            "max_partition_fetch_bytes": self.fetch_partition_bytes,
         }
 
     def admin_kwargs(self) -> dict[str, Any]:
@@ -786,6 +800,8 @@ class KafkaBus(Bus):
                 c.subscribe(list(topics), listener=adapter)
         except Exception as e:
             raise _bus_error(e, f"cannot join group {group_id!r} at {self.config.bootstrap_servers}") from e
+        if self.config.fast_fetch:
+            kafka_fetch.install(c)  # (before its first fetch)
         return KafkaGroupConsumer(c, self.config.request_timeout_s)
 
     def reader(self, topics: Sequence[str], *, client_id: str | None = None,
@@ -800,6 +816,8 @@ class KafkaBus(Bus):
             c = _construct(kafka.KafkaConsumer, **self.config.reader_kwargs(client_id))
         except Exception as e:
             raise _bus_error(e, f"cannot connect to {self.config.bootstrap_servers}") from e
+        if self.config.fast_fetch:
+            kafka_fetch.install(c)
         try:
             assigned = []
             for topic in dict.fromkeys(topics):

@@ -3,7 +3,8 @@
 1. poll a batch (the group's consumer, manual commits); drop records of partitions the group took away without a
    revoke (``on_lost``: another member reads them again);
 2. store it: records and offsets in one dataset transaction (``Dataset.store_partitions``), by default in a process
-   of its own (:class:`~rlhf.trainer.dataset.StoreProcess`) while this thread polls the next batches: up to two
+   of its own (:class:`~rlhf.trainer.dataset.StoreProcess`, which this thread hands the batch parsed: the process is
+   the slower stage) while this thread polls the next batches: up to two
    batches in flight (one stored, one waiting in the process), so reading and storing overlap instead of taking
    turns (``store_process=False``: on this thread; also while the store process starts, a fresh interpreter's
    ~0.2 s, so that the first batches need not wait for it);

@@ -158,14 +158,20 @@ def response_of(served: events_pb2.ServedResponse) -> Response:
 
 def stored_response(served: events_pb2.ServedResponse) -> StoredResponse:
     """:func:`response_of` in its stored form (the same prompt, text and key)."""
+    return StoredResponse._make(stored_response_fields(served))
+
+
+def stored_response_fields(served: events_pb2.ServedResponse) -> tuple[str, str, str, str, str]:
+    """:func:`stored_response` as a plain tuple (what crosses a pipe: a tuple pickles at a fourth of a
+    NamedTuple's cost)."""
     messages = served.messages.messages
     if messages:
         messages_json = json.dumps([(m.role, m.content) for m in messages])
         text = served.input_prompt
     else:
         messages_json, text = "[]", served.input_prompt or served.prompt
-    return StoredResponse(text, messages_json, prompt_key(text, "" if messages_json == "[]" else messages_json),
-                          served.text, served.policy_version)
+    return (text, messages_json, prompt_key(text, "" if messages_json == "[]" else messages_json), served.text,
+            served.policy_version)
 
 
 def demonstration_row(event: feedback_pb2.FeedbackEvent) -> tuple[str, str, str, str]:

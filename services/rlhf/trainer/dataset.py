@@ -48,7 +48,7 @@ from rlhf.bus import topics
 from rlhf.bus.base import Message, PartitionRecords, TopicPartition, partition_records
 from rlhf.trainer import convert
 from rlhf.trainer.convert import Comparison, Demonstration, Prompt, RatingValue, StoredResponse, Unusable
-from rlhf.v1 import events_pb2, feedback_pb2
+from rlhf.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,91 @@ def _letter(event_id: str, payload: bytes, topic: str, partition: int, offset: i
     return letter.SerializeToString()
 
 
+class ParsedPartition(NamedTuple):
+    """A partition's records as the store takes them (:func:`parse_partitions`): the records, and what the store
+    needs of each, read from its bytes."""
+
+    topic: str
+    partition: int
+    offsets: list[int]
+    values: list[bytes]
+    items: list
+    """One a record. rlhf.responses.v1: ``(response_id, its StoredResponse's fields)``; rlhf.feedback.v1:
+    ``(event_id, kind, the response ids it needs, "")``, or ``(event_id, kind, (), why it cannot be used)``; another
+    topic: None. A record that is not even that: its dead-letter reason (a str). Plain tuples: they cross the store
+    process's pipe (a NamedTuple pickles at four times a tuple's cost)."""
+
+
+def parse_partitions(batch: Sequence[PartitionRecords | ParsedPartition]) -> list[ParsedPartition]:
+    """What the store needs of each record, read from its bytes (those already parsed are kept). Stateless (no
+    dataset, no other record), so it runs where CPU is to spare: the consumer's thread parses a batch while the
+    store process stores the ones before (:meth:`StoreProcess.submit`), and the process, the pipeline's slowest
+    stage, parses nothing but the few kinds it converts from the whole event (ratings, pairs, edits)."""
+    out: list[ParsedPartition] = []
+    for part in batch:
+        if isinstance(part, ParsedPartition):
+            out.append(part)
+            continue
+        topic, partition, offsets, values = part
+        if topic == topics.RESPONSES:
+            items = _response_items(values)
+        elif topic == topics.FEEDBACK:
+            items = _feedback_items(values)
+        else:
+            items = [None] * len(values)
+        out.append(ParsedPartition(topic, partition, offsets, values, items))
+    return out
+
+
+def _unreadable(value: bytes | None, message: str) -> str:
+    if value is None:
+        return f"cannot parse the record as {message}: it has no value (a tombstone)"
+    return f"cannot parse the record as {message}"
+
+
+def _response_items(values: Sequence[bytes]) -> list:
+    parse, fields = events_pb2.ServedResponse.FromString, convert.stored_response_fields
+    items: list = []
+    append = items.append
+    for value in values:
+        try:
+            served = parse(value)
+        except (DecodeError, TypeError):  # (TypeError: a record without a value, None)
+            append(_unreadable(value, "rlhf.v1.ServedResponse"))
+            continue
+        response_id = served.response_id
+        if response_id:
+            append((response_id, fields(served)))
+        else:
+            append("the served response has no response_id")
+    return items
+
+
+def _feedback_items(values: Sequence[bytes]) -> list:
+    parse, needed_responses = events_pb2.FeedbackRecord.FromString, convert.needed_responses
+    items: list = []
+    append = items.append
+    for value in values:
+        try:
+            event = parse(value).event
+        except (DecodeError, TypeError):
+            append(_unreadable(value, "rlhf.v1.FeedbackRecord"))
+            continue
+        event_id = event.event_id
+        if not event_id:
+            append("the feedback event has no event_id")
+            continue
+        kind = event.WhichOneof("kind") or "none"
+        if kind == "demonstration":  # (needs no response: most of a stream)
+            append((event_id, kind, (), ""))
+            continue
+        try:
+            append((event_id, kind, needed_responses(event, kind), ""))
+        except Unusable as e:
+            append((event_id, kind, (), e.reason))
+    return items
+
+
 class _Rows:
     """The rows of one transaction, by table, as plain tuples (no dataclass per record: building rows is most of a
     record's cost), written at its end with a few multi-row statements per table (:func:`_insert_rows`).
@@ -208,8 +293,7 @@ class _Pending(NamedTuple):
     """A feedback event stored as pending: what it needs, and its record (converted or dead-lettered from it)."""
 
     kind: str
-    needed: tuple[str, ...]
-    event: feedback_pb2.FeedbackEvent | None  # (parsed once: converted from this; None: its payload is unreadable)
+    needed: tuple[str, ...] | None  # (None: its payload is unreadable, left to expire())
     payload: bytes  # the rlhf.v1.FeedbackRecord
     topic: str
     partition: int
@@ -408,15 +492,18 @@ class Dataset:
         """:meth:`store_partitions` of these records (grouped by partition, in their order)."""
         return self.store_partitions(partition_records(messages), now)
 
-    def store_partitions(self, batch: Sequence[PartitionRecords], now: float | None = None) -> StoreOutcome:
+    def store_partitions(self, batch: Sequence[PartitionRecords | ParsedPartition],
+                         now: float | None = None) -> StoreOutcome:
         """Steps 1-4 of the module docstring, in one transaction, for a poll's records as columns (one
-        :class:`~rlhf.bus.base.PartitionRecords` per partition: no object per record). Rows are gathered per table
+        :class:`~rlhf.bus.base.PartitionRecords` per partition: no object per record), parsed first unless they
+        are already (:func:`parse_partitions`). Rows are gathered per table
         and written together at the end (:func:`_insert_rows`), and lookups are one query per batch, not per record.
         The records are first stored as new without looking their ids up (a savepoint); should one have been stored
         before, that attempt is rolled back and the batch stored again with the lookups (see :class:`_Rows`)."""
         now = time.time() if now is None else now
+        parsed = parse_partitions(batch)
         try:
-            rows, out, new_offsets = self._store(batch, now)
+            rows, out, new_offsets = self._store(parsed, now)
         except BaseException:
             self._join = None  # changed for a transaction that did not commit: rebuilt from the rows next time
             raise
@@ -427,23 +514,24 @@ class Dataset:
         out.offsets = new_offsets
         return out
 
-    def _store(self, batch: Sequence[PartitionRecords], now: float
+    def _store(self, batch: Sequence[ParsedPartition], now: float
                ) -> tuple[_Rows, StoreOutcome, dict[TopicPartition, int]]:
         with self._tx() as db:
             # The offsets as this transaction sees them (not the cache): another writer (a store process of a
             # trainer restarted meanwhile) may have stored more since this instance read them.
             known = {(t, p): o for t, p, o in db.execute("SELECT topic, partition, next_offset FROM offsets")}
             new_offsets: dict[TopicPartition, int] = {}
-            responses: list[PartitionRecords] = []
-            feedback: list[PartitionRecords] = []
+            responses: list[ParsedPartition] = []
+            feedback: list[ParsedPartition] = []
             redelivered = consumed_responses = consumed_feedback = 0
             for part in batch:  # 1.
                 tp = (part.topic, part.partition)
                 start = known.get(tp, 0)
                 if part.offsets and part.offsets[0] < start:  # (some) delivered again: below the stored offset
-                    kept = [(o, v) for o, v in zip(part.offsets, part.values) if o >= start]
+                    kept = [k for k in zip(part.offsets, part.values, part.items) if k[0] >= start]
                     redelivered += len(part.offsets) - len(kept)
-                    part = PartitionRecords(part.topic, part.partition, [o for o, _ in kept], [v for _, v in kept])
+                    part = ParsedPartition(part.topic, part.partition, [k[0] for k in kept], [k[1] for k in kept],
+                                           [k[2] for k in kept])
                 if not part.offsets:
                     continue
                 end = max(part.offsets) + 1
@@ -475,8 +563,8 @@ class Dataset:
                 [(t, p, o) for (t, p), o in new_offsets.items()])
         return rows, out, new_offsets
 
-    def _store_records(self, db: sqlite3.Connection, responses: Sequence[PartitionRecords],
-                       feedback: Sequence[PartitionRecords], now: float, assumed_new: bool) -> tuple[_Rows, StoreOutcome]:
+    def _store_records(self, db: sqlite3.Connection, responses: Sequence[ParsedPartition],
+                       feedback: Sequence[ParsedPartition], now: float, assumed_new: bool) -> tuple[_Rows, StoreOutcome]:
         """Steps 2 and 3 for the records above the stored offsets: their rows, written, and what they did."""
         out = StoreOutcome()
         rows = _Rows(now, assumed_new)
@@ -510,7 +598,7 @@ class Dataset:
         index = _JoinIndex(version)
         events = self._read_pending(db)
         for event_id, pending, missing in events:
-            if pending.event is not None:  # (it was read when stored); else left to expire(), which dead-letters it
+            if pending.needed is not None:  # (it was read when stored); else left to expire(), which dead-letters it
                 index.add(event_id, pending, missing)
         if events:
             log.info("join index: %d pending feedback events (%d ready) read from the dataset", len(events),
@@ -528,15 +616,15 @@ class Dataset:
                                                                            (stored_before,))
         events: list[tuple[str, _Pending]] = []
         for event_id, kind, payload, topic, partition, offset in rows:
+            needed: tuple[str, ...] | None
             try:
-                event = parse(payload).event
-                needed = convert.needed_responses(event, kind)
+                needed = convert.needed_responses(parse(payload).event, kind)
             except (DecodeError, Unusable):
-                event, needed = None, ()
-            events.append((event_id, _Pending(kind, needed, event, payload, topic, partition, offset)))
-        wanted = list({r for _, p in events for r in p.needed})
+                needed = None
+            events.append((event_id, _Pending(kind, needed, payload, topic, partition, offset)))
+        wanted = list({r for _, p in events for r in p.needed or ()})
         stored = set(_existing(db, "responses", "response_id", wanted)) if wanted else set()
-        return [(event_id, p, [r for r in p.needed if r not in stored]) for event_id, p in events]
+        return [(event_id, p, [r for r in p.needed or () if r not in stored]) for event_id, p in events]
 
     @staticmethod
     def _bump_join(db: sqlite3.Connection, index: _JoinIndex) -> None:
@@ -552,28 +640,22 @@ class Dataset:
                 if o > self._offsets.get(tp, 0):
                     self._offsets[tp] = o
 
-    def _store_responses(self, db: sqlite3.Connection, parts: Sequence[PartitionRecords], rows: _Rows,
+    def _store_responses(self, db: sqlite3.Connection, parts: Sequence[ParsedPartition], rows: _Rows,
                          out: StoreOutcome) -> list[str]:
         """2.: the responses not stored before (by response_id); returns their ids."""
         parsed = rows.responses
         duplicates = 0
-        parse, stored_response = events_pb2.ServedResponse.FromString, convert.stored_response
-        for topic, partition, offsets, values in parts:
-            for offset, value in zip(offsets, values):
-                try:
-                    served = parse(value)
-                except DecodeError:
-                    rows.dead_letter(value, topic, partition, offset,
-                                     "cannot parse the record as rlhf.v1.ServedResponse", out)
+        make = StoredResponse._make
+        for topic, partition, offsets, values, items in parts:
+            for offset, value, item in zip(offsets, values, items):
+                if item.__class__ is str:  # (its dead-letter reason)
+                    rows.dead_letter(value, topic, partition, offset, item, out)
                     continue
-                response_id = served.response_id
-                if not response_id:
-                    rows.dead_letter(value, topic, partition, offset, "the served response has no response_id", out)
-                    continue
+                response_id = item[0]
                 if response_id in parsed:
                     duplicates += 1
                     continue
-                parsed[response_id] = stored_response(served)
+                parsed[response_id] = make(item[1])
         existing = _existing(db, "responses", "response_id", list(parsed)) if parsed and not rows.assumed_new else []
         for rid in existing:  # the stored one is looked up when feedback needs it
             del parsed[rid]
@@ -584,38 +666,30 @@ class Dataset:
             out.stored["response"] += len(parsed)
         return list(parsed)
 
-    def _store_feedback(self, db: sqlite3.Connection, parts: Sequence[PartitionRecords], index: _JoinIndex,
+    def _store_feedback(self, db: sqlite3.Connection, parts: Sequence[ParsedPartition], index: _JoinIndex,
                         rows: _Rows, out: StoreOutcome) -> None:
         """3.: events not stored before (by event_id), converted when their responses are all stored."""
-        records: list[tuple[bytes, str, int, int, feedback_pb2.FeedbackEvent, str, str]] = []
+        records: list[tuple[bytes, str, int, int, tuple[str, str, tuple[str, ...], str]]] = []
         seen: set[str] = set()
-        parse = events_pb2.FeedbackRecord.FromString
-        for topic, partition, offsets, values in parts:
-            for offset, value in zip(offsets, values):
-                try:
-                    event = parse(value).event
-                except DecodeError:
-                    rows.dead_letter(value, topic, partition, offset,
-                                     "cannot parse the record as rlhf.v1.FeedbackRecord", out)
+        for topic, partition, offsets, values, items in parts:
+            for offset, value, item in zip(offsets, values, items):
+                if item.__class__ is str:  # (its dead-letter reason)
+                    rows.dead_letter(value, topic, partition, offset, item, out)
                     continue
-                event_id = event.event_id
-                if not event_id:
-                    rows.dead_letter(value, topic, partition, offset, "the feedback event has no event_id", out)
-                    continue
-                kind = event.WhichOneof("kind") or "none"
+                event_id = item[0]
                 if event_id in seen:
-                    out.duplicates[kind] += 1
+                    out.duplicates[item[1]] += 1
                     continue
                 seen.add(event_id)
-                records.append((value, topic, partition, offset, event, event_id, kind))
+                records.append((value, topic, partition, offset, item))
         if not records:
             return
         existing = set() if rows.assumed_new else set(_existing(db, "feedback", "event_id", list(seen)))
         stored: dict[str, int] = {}
         duplicates: dict[str, int] = {}
-        waiting: list[tuple[bytes, str, int, int, feedback_pb2.FeedbackEvent, str, str, tuple[str, ...]]] = []
+        waiting: list[tuple[bytes, str, int, int, str, str, tuple[str, ...]]] = []
         now, feedback_rows = rows.now, rows.feedback
-        for value, topic, partition, offset, event, event_id, kind in records:
+        for value, topic, partition, offset, (event_id, kind, needed, unusable) in records:
             if event_id in existing:
                 duplicates[kind] = duplicates.get(kind, 0) + 1
                 continue
@@ -623,13 +697,11 @@ class Dataset:
             if kind == "demonstration":  # needs no response, and its row is the supervised data (most of a stream)
                 rows.plain_demonstrations += 1
                 feedback_rows.append((event_id, kind, USED, value, now, topic, partition, offset, ""))
-                continue
-            try:
-                waiting.append((value, topic, partition, offset, event, event_id, kind,
-                                convert.needed_responses(event, kind)))
-            except Unusable as e:
-                feedback_rows.append((event_id, kind, DEAD, value, now, topic, partition, offset, e.reason))
-                rows.outbox_letter(event_id, value, topic, partition, offset, e.reason, out)
+            elif unusable:
+                feedback_rows.append((event_id, kind, DEAD, value, now, topic, partition, offset, unusable))
+                rows.outbox_letter(event_id, value, topic, partition, offset, unusable, out)
+            else:
+                waiting.append((value, topic, partition, offset, event_id, kind, needed))
         out.stored.update(stored)
         out.duplicates.update(duplicates)
         if not waiting:
@@ -637,13 +709,13 @@ class Dataset:
         wanted = {r for *_, ids in waiting for r in ids if r not in rows.responses}
         if wanted:
             rows.known.update(self._responses(db, list(wanted)))
-        for value, topic, partition, offset, event, event_id, kind, needed in waiting:
+        for value, topic, partition, offset, event_id, kind, needed in waiting:
             missing = [r for r in needed if rows.response(r) is None]
             if missing:
                 feedback_rows.append((event_id, kind, PENDING, value, now, topic, partition, offset, ""))
-                index.add(event_id, _Pending(kind, needed, event, value, topic, partition, offset), missing)
+                index.add(event_id, _Pending(kind, needed, value, topic, partition, offset), missing)
                 continue
-            state, reason = self._convert(db, event, event_id, kind, needed, rows)
+            state, reason = self._convert(db, value, event_id, kind, needed, rows)
             feedback_rows.append((event_id, kind, state, value, now, topic, partition, offset, reason))
             if state == DEAD:
                 rows.outbox_letter(event_id, value, topic, partition, offset, reason, out)
@@ -673,14 +745,18 @@ class Dataset:
                 out[rid] = StoredResponse(*row)
         return out
 
-    def _convert(self, db: sqlite3.Connection, event: feedback_pb2.FeedbackEvent, event_id: str, kind: str,
-                 needed: Sequence[str], rows: _Rows) -> tuple[str, str]:
-        """An event whose responses are all stored: its derived rows; (state, dead-letter reason)."""
+    def _convert(self, db: sqlite3.Connection, payload: bytes, event_id: str, kind: str, needed: Sequence[str],
+                 rows: _Rows) -> tuple[str, str]:
+        """An event (its rlhf.v1.FeedbackRecord) whose responses are all stored: its derived rows; (state,
+        dead-letter reason). A ranking is converted from its stored responses alone; the other kinds are parsed
+        again here, for what :func:`parse_partitions` did not keep (a pair's strength, a rating's value, an
+        edit's text)."""
         stored = [rows.response(r) for r in needed]
         if None in stored:  # stored by earlier transactions and not looked up yet
             rows.known.update(self._responses(db, [r for r, s in zip(needed, stored) if s is None]))
             stored = [rows.response(r) for r in needed]
         try:
+            event = None if kind == "ranking" else events_pb2.FeedbackRecord.FromString(payload).event
             if kind in ("pairwise", "ranking"):  # the usual kinds: rows straight from the stored responses
                 texts, margin = convert.preference(event, kind, needed, stored)
                 if len(set(texts)) == len(texts):  # two responses with the same text teach nothing
@@ -727,7 +803,7 @@ class Dataset:
         if wanted:
             rows.known.update(self._responses(db, list(wanted)))
         for event_id, p in todo:
-            state, reason = self._convert(db, p.event, event_id, p.kind, p.needed, rows)
+            state, reason = self._convert(db, p.payload, event_id, p.kind, p.needed, rows)
             rows.updates.append((state, reason, event_id))
             if state == DEAD:
                 rows.outbox_letter(event_id, p.payload, p.topic, p.partition, p.offset, reason, out)
@@ -1002,12 +1078,13 @@ class StoreProcess:
     """One stored while the next waits in the process: with one, the process idled between a batch's result and the
     next batch (~15% of its time, benchmarks/README.md)."""
 
-    def submit(self, batch: Sequence[PartitionRecords], now: float | None = None) -> None:
-        """Send a poll's records (as :meth:`Dataset.store_partitions` takes them) to be stored."""
+    def submit(self, batch: Sequence[PartitionRecords | ParsedPartition], now: float | None = None) -> None:
+        """Send a poll's records (as :meth:`Dataset.store_partitions` takes them) to be stored, parsed here
+        (:func:`parse_partitions`: on the caller's thread, while the process stores the batches before)."""
         if self.in_flight >= self.MAX_IN_FLIGHT:
             raise RuntimeError(f"StoreProcess.submit: {self.in_flight} batches in flight, their results not read")
-        # Plain tuples of two lists a partition: pickled and read back at C speed, no object per record.
-        columns = [(part.topic, part.partition, part.offsets, part.values) for part in batch]
+        # Plain tuples of lists a partition: pickled and read back at C speed, no object per record.
+        columns = [tuple(part) for part in parse_partitions(batch)]
         try:
             pickle.dump((columns, now), self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self._proc.stdin.flush()
@@ -1082,7 +1159,7 @@ def _serve(path: str, heldout_share: float, join_timeout_s: float, cache_mb: int
     sys.stdout = sys.stderr  # stdout carries only replies
     dataset = Dataset(path, heldout_share=heldout_share, join_timeout_s=join_timeout_s, cache_mb=cache_mb,
                       checkpoint_pages=checkpoint_pages)
-    make = PartitionRecords._make
+    make = ParsedPartition._make
     gc.freeze()  # what the imports made is never garbage: collections of the rows' young objects skip it (~1%)
     try:
         try:
