@@ -28,12 +28,15 @@ log = logging.getLogger(__name__)
 
 _READ_UNCOMMITTED = 0  # kafka-python's IsolationLevel.READ_UNCOMMITTED (the wire protocol's value)
 _Base = getattr(Fetcher, "PartitionRecords", None)
+_new = tuple.__new__
 
 
 def supported() -> bool:
     """Whether this kafka-python has the seam as :mod:`rlhf.bus.kafka_fetch` knows it."""
     return (kafka.__version__.startswith("3.0.") and isinstance(_Base, type)
-            and callable(getattr(_Base, "_unpack_records", None)))
+            and callable(getattr(_Base, "_unpack_records", None))
+            and ConsumerRecord._fields[:4] == ("topic", "partition", "leader_epoch", "offset")
+            and len(ConsumerRecord._fields) == 13)  # (built with tuple.__new__: its fields as known here)
 
 
 if supported():
@@ -72,11 +75,12 @@ if supported():
                     self.records_read += 1
                     self.bytes_read += size
                     self.next_fetch_offset = offset + 1
-                    yield ConsumerRecord(
+                    # (tuple.__new__: the named tuple's own __new__ is a Python call, ~0.1 us a record)
+                    yield _new(ConsumerRecord, (
                         topic, partition, epoch, offset, timestamp, ts_type, key, value, headers, None,
                         len(key) if key is not None else -1, len(value) if value is not None else -1,
                         sum(len(k.encode()) + (len(v) if v is not None else 0) for k, v in headers) if headers
-                        else -1)
+                        else -1))
                 # v2 keeps a batch's last offset even when compaction removed its last records: the next fetch
                 # starts after the batch, not at a record that is gone
                 self.next_fetch_offset = header.next_offset
