@@ -352,3 +352,54 @@ def test_an_event_that_expired_leaves_the_join_index_whole(dataset):
     assert dataset.store([response_message(served("k1", "q", "a")), response_message(served("k2", "q", "b"))]
                          ).comparisons == 0
     assert dict(dataset.feedback_events()) == {"gone": "dead", "kept": "dead", "late": "pending"}
+
+
+def test_a_backlog_is_read_responses_first_so_that_no_feedback_waits(tmp_path):
+    """A backlog whose rankings were written before their responses (a trainer down meanwhile): while the responses
+    lag by more than ``responses_ahead`` records the feedback partitions are paused, so every ranking finds its
+    responses stored; without it (0) rankings wait as pending rows for responses read later."""
+    for ahead, waits in ((5, False), (0, True)):
+        bus = InMemoryBus()
+        bus.ensure_topics(topics.platform_topics(partitions=2))
+        ds = Dataset(str(tmp_path / f"dataset-{ahead}.sqlite"))
+        pending: list[int] = []
+        consumer = FeedbackConsumer(bus, ds, group="g", max_records=10, poll_timeout_s=0.05, housekeeping_s=60,
+                                    store_process=False, responses_ahead=ahead,
+                                    on_stored=lambda outcome: pending.append(ds.sizes().get("feedback_pending", 0)))
+        _produce(bus, events=[ranking(f"k{i}", f"r{2 * i}", f"r{2 * i + 1}") for i in range(40)])
+        _produce(bus, [served(f"r{i}", f"q{i // 2}", f"answer {i}") for i in range(80)])
+        consumer.start()
+        try:
+            _wait(lambda: ds.count_comparisons() == 40, "every ranking converted")
+            assert not consumer.last_error
+            assert (max(pending) > 0) is waits, pending
+        finally:
+            consumer.stop()
+            ds.close()
+            bus.close()
+
+
+def test_feedback_waits_for_the_responses_at_most_responses_ahead_s_at_a_time(tmp_path):
+    """A responses topic that never catches up does not starve the feedback: paused at most responses_ahead_s at a
+    time, then read as long before it may be paused again."""
+    bus = InMemoryBus()
+    bus.ensure_topics(topics.platform_topics(partitions=1))
+    ds = Dataset(str(tmp_path / "dataset.sqlite"))
+    consumer = FeedbackConsumer(bus, ds, group="g", max_records=5, poll_timeout_s=0.05, housekeeping_s=60,
+                                store_process=False, responses_ahead=10, responses_ahead_s=0.3)
+    _produce(bus, [served(f"r{i}", "q", f"answer {i}") for i in range(40)])
+    # The responses lag stays far above 10 records: the consumer is slowed to a batch per 50 ms here.
+    original = consumer._step
+    consumer._step = lambda c: (time.sleep(0.05), original(c))[1]
+    _produce(bus, [served(f"s{i}", "q", f"more {i}") for i in range(5000)], [demonstration("d1", "p", "ideal")])
+    started = time.monotonic()
+    consumer.start()
+    try:
+        _wait(lambda: dict(ds.feedback_events()).get("d1") == "used", "the feedback read despite the lag")
+        waited = time.monotonic() - started
+        assert 0.25 <= waited < 3.0, waited
+        assert ds.sizes()["responses"] < 5040  # (read before the responses caught up)
+    finally:
+        consumer.stop()
+        ds.close()
+        bus.close()

@@ -260,6 +260,15 @@ class Consumer(abc.ABC):
         """The offset of the next record ``poll`` returns, for partitions this member holds."""
         raise NotImplementedError
 
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        """Return no records of these partitions (those held) until :meth:`resume`. Their positions stay and what
+        was fetched of them is kept for then; a partition assigned again by a rebalance may start resumed."""
+        raise NotImplementedError
+
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        """Return records of these paused partitions again (those held; the others are ignored)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def close(self) -> None:
         """Leave the group without committing anything more."""

@@ -484,6 +484,7 @@ class KafkaGroupConsumer(Consumer):
         self._c = consumer
         self._request_timeout_ms = int(request_timeout_s * 1000)
         self._closed = False
+        self._pauses = False  # pause() was called: each poll then works around kafka_fetch.unpark's bug
 
     def commit_offsets(self, offsets: dict[TopicPartition_, int]) -> None:
         if self._closed:
@@ -533,11 +534,30 @@ class KafkaGroupConsumer(Consumer):
                     raise _bus_error(e, "position failed") from e
         return out
 
+    def pause(self, partitions: Sequence[TopicPartition_]) -> None:
+        if self._closed:
+            raise BusError("pause on a closed consumer")
+        held = self._c.assignment()
+        tps = [tp for tp in (TopicPartition(t, p) for t, p in partitions) if tp in held]
+        if tps:
+            self._pauses = True
+            self._c.pause(*tps)
+
+    def resume(self, partitions: Sequence[TopicPartition_]) -> None:
+        if self._closed:
+            raise BusError("resume on a closed consumer")
+        held = self._c.assignment()
+        tps = [tp for tp in (TopicPartition(t, p) for t, p in partitions) if tp in held]
+        if tps:
+            self._c.resume(*tps)
+
     def _poll(self, timeout_s: float, max_records: int) -> dict:
         """kafka-python's ``{TopicPartition: [ConsumerRecord, ...]}`` of one poll, its errors as BusError."""
         if self._closed:
             raise BusError("poll on a closed consumer")
         check_poll(timeout_s, max_records)
+        if self._pauses:
+            kafka_fetch.unpark(self._c)
         try:
             return self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except Exception as e:

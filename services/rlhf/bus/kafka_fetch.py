@@ -100,6 +100,24 @@ def install(consumer: kafka.KafkaConsumer) -> bool:
     return True
 
 
+def unpark(consumer: kafka.KafkaConsumer) -> None:
+    """Let a resumed partition's parked records be returned (call before each poll of a consumer that pauses).
+
+    kafka-python 3.0.12 keeps the records it had fetched of a partition when it is paused (KAFKA-7548), parked
+    until it is resumed, and restores them only into an empty in-line slot (``_next_partition_records is None``).
+    But the slot is left holding the last partition's records once they are drained, not None, so after any other
+    partition's records were returned the parked ones are never restored, and the partition, which has parked
+    records, is never fetched again either: it stalls for good (seen in the trainer, which pauses its feedback
+    partitions). A drained records object in the slot is cleared here, as the fetcher treats it (both are falsy to
+    it), so that the restore sees the slot empty. tests/test_kafka_fetch.py pauses and resumes on a real broker."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    if not getattr(fetcher, "_paused_partition_records", None):
+        return
+    current = getattr(fetcher, "_next_partition_records", None)
+    if current is not None and not current:
+        fetcher._next_partition_records = None
+
+
 def installed(consumer: kafka.KafkaConsumer) -> bool:
     fetcher = getattr(consumer, "_fetcher", None)
     return FastPartitionRecords is not None and getattr(fetcher, "PartitionRecords", None) is FastPartitionRecords

@@ -209,6 +209,7 @@ class _InMemoryConsumer(Consumer):
         self._listener = listener
         self._generation = -1  # forces a (re)sync with the group on the first poll
         self._positions: dict[tuple[str, int], int] = {}
+        self._paused: set[tuple[str, int]] = set()
         self._rotation = -1
         self._closed = False
 
@@ -224,6 +225,7 @@ class _InMemoryConsumer(Consumer):
             if revoked:
                 group.committed.update(self._listener.on_revoked(revoked))
         self._positions = {tp: old[tp] if tp in old else group.committed.get(tp, 0) for tp in new}
+        self._paused &= set(new)  # (one assigned anew starts resumed; those kept stay paused, as in kafka-python)
         if self._listener is not None:
             added = [tp for tp in new if tp not in old]
             if added:
@@ -252,6 +254,8 @@ class _InMemoryConsumer(Consumer):
         # Start at a different partition each poll, so a busy partition does not starve the others.
         self._rotation = (self._rotation + 1) % max(1, len(tps))
         for topic, p in tps[self._rotation:] + tps[:self._rotation]:
+            if (topic, p) in self._paused:
+                continue
             pos = self._positions[(topic, p)]
             part = self._bus._topics[topic][p]
             pos = max(pos, part.start)  # behind retention: restart at the oldest record kept
@@ -297,6 +301,15 @@ class _InMemoryConsumer(Consumer):
     def positions(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         with self._bus._cond:
             return {tp: self._positions[tp] for tp in partitions if tp in self._positions}
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        with self._bus._cond:
+            self._paused.update(tp for tp in partitions if tp in self._positions)
+
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        with self._bus._cond:
+            self._paused.difference_update(partitions)
+            self._bus._cond.notify_all()  # (a poll waiting on this consumer's other partitions may take them now)
 
     def close(self) -> None:
         if not self._closed:

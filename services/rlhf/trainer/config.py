@@ -38,6 +38,13 @@ class TrainerConfig(ServiceConfig):
                 "grows to ~40 MiB.")
     housekeeping_s: float = field(
         2.0, "Seconds between dead-lettering of timed-out events, publishing the outbox and refreshing lag metrics.")
+    responses_ahead_records: int = field(
+        10_000, "While the trainer's rlhf.responses.v1 partitions lag by more than this many records, it pauses "
+                "rlhf.feedback.v1, so that on a backlog feedback finds its responses stored instead of waiting for "
+                "them (a backlog read feedback first stored ~25% slower, benchmarks/README.md); 0 never pauses.")
+    responses_ahead_s: float = field(
+        30.0, "The longest feedback is paused for the responses at a time; it is then read at least as long before "
+              "it may be paused again (a responses topic that never catches up does not starve it).")
 
     # -- reward models
     artifact_root: str = field(
@@ -151,6 +158,8 @@ class TrainerConfig(ServiceConfig):
         _check(self.dataset_cache_mb >= 1, "dataset_cache_mb", "must be >= 1")
         _check(self.dataset_checkpoint_pages >= 1, "dataset_checkpoint_pages", "must be >= 1")
         _check(self.housekeeping_s > 0, "housekeeping_s", "must be > 0")
+        _check(self.responses_ahead_records >= 0, "responses_ahead_records", "must be >= 0")
+        _check(self.responses_ahead_s > 0, "responses_ahead_s", "must be > 0")
         _check(self.min_new_comparisons >= 0, "min_new_comparisons", "must be >= 0")
         _check(self.min_comparisons >= 1, "min_comparisons", "must be >= 1")
         _check(0 < self.heldout_share < 1, "heldout_share", "must be in (0, 1)")

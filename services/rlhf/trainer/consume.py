@@ -1,7 +1,11 @@
 """Consumption of rlhf.feedback.v1 and rlhf.responses.v1 into the dataset, on a thread of its own.
 
 1. poll a batch (the group's consumer, manual commits); drop records of partitions the group took away without a
-   revoke (``on_lost``: another member reads them again);
+   revoke (``on_lost``: another member reads them again). Responses first: while the responses partitions lag by
+   more than ``responses_ahead`` records, the feedback partitions are paused (for at most ``responses_ahead_s`` at
+   a time, then read as long before they may be paused again), so that on a backlog (a restart, a trainer that
+   was down) feedback finds the responses it names stored instead of waiting for them as pending rows (each
+   written, held in the join index and rewritten: a backlog stored ~25% slower, benchmarks/README.md);
 2. store it: records and offsets in one dataset transaction (``Dataset.store_partitions``), by default in a process
    of its own (:class:`~rlhf.trainer.dataset.StoreProcess`, which this thread hands the batch parsed: the process is
    the slower stage) while this thread polls the next batches: up to two
@@ -42,7 +46,8 @@ TOPICS = (topics.FEEDBACK, topics.RESPONSES)
 class FeedbackConsumer(RebalanceListener):
     def __init__(self, bus: Bus, dataset: Dataset, *, group: str, poll_timeout_s: float = 0.5,
                  max_records: int = 2000, housekeeping_s: float = 2.0, retry_s: float = 2.0,
-                 unknown_from_start: bool = True, store_process: bool = True,
+                 unknown_from_start: bool = True, store_process: bool = True, responses_ahead: int = 10_000,
+                 responses_ahead_s: float = 30.0,
                  on_stored: Callable[[StoreOutcome], None] = lambda outcome: None) -> None:
         self.bus = bus
         self.dataset = dataset
@@ -56,6 +61,15 @@ class FeedbackConsumer(RebalanceListener):
         self.store_process = store_process
         """Store in a process of its own (:class:`StoreProcess`), else on this consumer's thread (0.49x against 0.41x
         of a raw consumer's rate, benchmarks/README.md; it needs a core of its own to pay)."""
+        self.responses_ahead = responses_ahead
+        """Step 1: feedback is paused while the responses lag by more than this many records (0: never)."""
+        self.responses_ahead_s = responses_ahead_s
+        """The longest feedback is paused for that at a time (then it is read at least as long): a responses topic
+        that never catches up does not starve the feedback."""
+        self._feedback_paused_since: float | None = None
+        self._feedback_free_until = 0.0
+        self._ends: dict[TopicPartition, int] = {}  # the responses partitions' end offsets, asked at _ends_at
+        self._ends_at = 0.0
         self.lag: dict[TopicPartition, int] = {}
         self.consumed = {t: 0 for t in TOPICS}
         self.last_error = ""
@@ -151,6 +165,7 @@ class FeedbackConsumer(RebalanceListener):
             self._commit(consumer, self._collect())  # 3. stored meanwhile: commit it now, not after a poll's timeout
         # 1. (the batches in flight are stored meanwhile; a short poll then, to commit them soon once stored; as
         # columns, one PartitionRecords a partition: no object per record)
+        self._responses_first(consumer)
         batch = consumer.poll_partitions(
             self.poll_timeout_s if not self._in_flight else min(self.poll_timeout_s, 0.01), self.max_records)
         if not self.unknown_from_start:
@@ -186,6 +201,41 @@ class FeedbackConsumer(RebalanceListener):
         finally:
             for outcome in stored:
                 self._commit(consumer, outcome)  # 3. for the batches stored, while the next ones are being stored
+
+    ENDS_S = 1.0
+    """How old the responses partitions' end offsets may be when step 1 decides (one request a second at most)."""
+
+    def _responses_first(self, consumer: Consumer) -> None:
+        """1.: pause the feedback partitions while the responses lag (their ends asked at most every ``ENDS_S``,
+        their positions local), for at most ``responses_ahead_s`` at a time; resume them once the responses
+        caught up."""
+        if not self.responses_ahead:
+            return
+        held = consumer.assignment()
+        feedback = [tp for tp in held if tp[0] == topics.FEEDBACK]
+        responses = [tp for tp in held if tp[0] == topics.RESPONSES]
+        now = time.monotonic()
+        behind = 0
+        if feedback and responses:
+            if now >= self._ends_at + self.ENDS_S or any(tp not in self._ends for tp in responses):
+                self._ends, self._ends_at = consumer.end_offsets(responses), now
+            positions = consumer.positions(responses)
+            behind = sum(max(0, self._ends.get(tp, 0) - positions.get(tp, 0)) for tp in responses)
+        if self._feedback_paused_since is None:
+            if behind > self.responses_ahead and now >= self._feedback_free_until:
+                consumer.pause(feedback)
+                self._feedback_paused_since = now
+                metrics.FEEDBACK_PAUSED.set(1)
+                log.info("the responses are %d records behind: feedback waits for them (at most %.0fs)", behind,
+                         self.responses_ahead_s)
+        elif behind > self.responses_ahead and now - self._feedback_paused_since < self.responses_ahead_s:
+            consumer.pause(feedback)  # (again: a partition assigned since starts resumed)
+        else:
+            consumer.resume(feedback)
+            if behind > self.responses_ahead:  # it waited its longest: read it as long before it waits again
+                self._feedback_free_until = now + self.responses_ahead_s
+            self._feedback_paused_since = None
+            metrics.FEEDBACK_PAUSED.set(0)
 
     def _drain(self, consumer: Consumer, wait: bool = False) -> None:
         """Wait for the batches in flight to be stored, committing the offsets of each to Kafka."""
@@ -266,6 +316,8 @@ class FeedbackConsumer(RebalanceListener):
                 consumer.close()
             except Exception:  # noqa: BLE001
                 log.debug("closing the feedback consumer failed", exc_info=True)
+        self._feedback_paused_since, self._ends = None, {}  # (a new consumer starts with nothing paused)
+        metrics.FEEDBACK_PAUSED.set(0)
         return None
 
 

@@ -25,6 +25,9 @@ DATASET = Gauge("rlhf_trainer_dataset_size",
 STORE_SECONDS = Histogram("rlhf_trainer_store_duration_seconds", "Time of one dataset transaction (a polled batch).",
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 CONSUMING = Gauge("rlhf_trainer_consuming", "1 while the trainer consumes feedback, 0 while paused or down.")
+FEEDBACK_PAUSED = Gauge("rlhf_trainer_feedback_paused",
+                        "1 while feedback waits for the responses topic to catch up (a backlog is read responses "
+                        "first), else 0.")
 REWARD_TRAININGS = Counter("rlhf_trainer_reward_trainings_total",
                            "Reward-model trainings, by outcome (published, rejected, failed).", ["outcome"])
 REWARD_TRAINING_SECONDS = Histogram("rlhf_trainer_reward_training_duration_seconds",

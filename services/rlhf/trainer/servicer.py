@@ -154,7 +154,9 @@ class TrainerComponent(ServiceComponent):
         skips_history = getattr(getattr(self.bus, "config", None), "auto_offset_reset", "earliest") == "latest"
         self.consumer = FeedbackConsumer(self.bus, self.dataset, group=config.group_id,
                                          max_records=config.max_records, housekeeping_s=config.housekeeping_s,
-                                         unknown_from_start=not skips_history, on_stored=self._on_stored)
+                                         unknown_from_start=not skips_history,
+                                         responses_ahead=config.responses_ahead_records,
+                                         responses_ahead_s=config.responses_ahead_s, on_stored=self._on_stored)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._training: asyncio.Future | None = None
         self.buffer: RolloutBuffer = buffer if buffer is not None else open_buffer(config.rollout_buffer_url)
