@@ -535,21 +535,22 @@ class KafkaGroupConsumer(Consumer):
         return out
 
     def pause(self, partitions: Sequence[TopicPartition_]) -> None:
-        if self._closed:
-            raise BusError("pause on a closed consumer")
-        held = self._c.assignment()
-        tps = [tp for tp in (TopicPartition(t, p) for t, p in partitions) if tp in held]
+        tps = self._held("pause", partitions)
         if tps:
             self._pauses = True
             self._c.pause(*tps)
 
     def resume(self, partitions: Sequence[TopicPartition_]) -> None:
-        if self._closed:
-            raise BusError("resume on a closed consumer")
-        held = self._c.assignment()
-        tps = [tp for tp in (TopicPartition(t, p) for t, p in partitions) if tp in held]
+        tps = self._held("resume", partitions)
         if tps:
             self._c.resume(*tps)
+
+    def _held(self, what: str, partitions: Sequence[TopicPartition_]) -> list[TopicPartition]:
+        """Those of ``partitions`` this member holds (kafka-python raises for the others), as its TopicPartitions."""
+        if self._closed:
+            raise BusError(f"{what} on a closed consumer")
+        held = self._c.assignment()
+        return [tp for tp in (TopicPartition(t, p) for t, p in partitions) if tp in held]
 
     def _poll(self, timeout_s: float, max_records: int) -> dict:
         """kafka-python's ``{TopicPartition: [ConsumerRecord, ...]}`` of one poll, its errors as BusError."""
