@@ -65,6 +65,18 @@ def test_the_embedded_trainer_judges_canaries_sooner_unless_told_otherwise(monke
     assert (told.canary_percent, told.promote_after, told.auto_start) == (10, 25, False)
 
 
+def test_the_trainers_responses_first_settings_are_checked():
+    """A backlog's responses-first reading: 0 records turns it off; a negative count or a pause of no time is a
+    clear error naming the field and its flag."""
+    from rlhf.trainer.config import TrainerConfig
+
+    assert TrainerConfig(responses_ahead_records=0).responses_ahead_records == 0
+    with pytest.raises(ValueError, match=r"^responses_ahead_records must be >= 0 \(flag --responses-ahead-records\)"):
+        TrainerConfig(responses_ahead_records=-1)
+    with pytest.raises(ValueError, match=r"^responses_ahead_s must be > 0 \(flag --responses-ahead-s\)"):
+        TrainerConfig(responses_ahead_s=0)
+
+
 def test_config_is_frozen_and_every_field_documented():
     config = FeedbackConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -114,7 +114,8 @@ def unpark(consumer: kafka.KafkaConsumer) -> None:
     partition's records were returned the parked ones are never restored, and the partition, which has parked
     records, is never fetched again either: it stalls for good (seen in the trainer, which pauses its feedback
     partitions). A drained records object in the slot is cleared here, as the fetcher treats it (both are falsy to
-    it), so that the restore sees the slot empty. tests/test_kafka_fetch.py pauses and resumes on a real broker."""
+    it), so that the restore sees the slot empty. The bus's pause/resume contract test (tests/unit/test_memory_bus.py,
+    run on a real broker by tests/integration/test_kafka_bus.py) fails without it."""
     fetcher = getattr(consumer, "_fetcher", None)
     if not getattr(fetcher, "_paused_partition_records", None):
         return
